@@ -1,0 +1,130 @@
+"""LLaVA-1.5 (`LlavaForConditionalGeneration`, transformers 5.x).
+
+Hook point: after the CLIP vision tower. The features of `vision_feature_layer` (default -2, CLS dropped) are
+reduced per image; selected tokens are gathered from the projection of all tokens (the projector runs on the
+whole batch exactly as in the unpatched model, so keeping every token is bit-exact); merged vision-space
+tokens are projected after merging. Positions default to ``compact`` (all LLaVA ports and papers).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vtprune.capture import capture_layers
+from vtprune.errors import UnsupportedModelError
+from vtprune.integration import EncodedImages, Integration, reduce_images, register_integration
+from vtprune.tokens import EncoderInfo
+
+from .clip_attention import ClipAttentionProbe
+
+CLS_ENCODERS = ("clip_vision_model",)
+
+
+def hidden_state_to_block(index: int, depth: int) -> int:
+    """`hidden_states[index]` of a transformers encoder is the output of block ``index - 1`` (entry 0 is the
+    embedding output), so negative indices map directly: -2 is the output of block ``depth - 2``."""
+    normalized = index % (depth + 1)
+    if normalized == 0:
+        raise UnsupportedModelError("vision_feature_layer 0 (the patch embeddings) is not supported by vtprune")
+    return normalized - 1
+
+
+@register_integration
+class LlavaIntegration(Integration):
+    model_classes = ("LlavaForConditionalGeneration",)
+    default_positions = "compact"
+    visual_kwargs = ("pixel_values",)
+    encoder_kwargs = ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
+
+    @classmethod
+    def matches(cls, model) -> bool:
+        from transformers import LlavaForConditionalGeneration
+
+        return type(model) is LlavaForConditionalGeneration or (
+            isinstance(model, LlavaForConditionalGeneration) and hasattr(model.model, "multi_modal_projector")
+        )
+
+    # ------------------------------------------------------------------ model facts
+    @property
+    def _tower(self):
+        return self.model.model.vision_tower
+
+    @property
+    def _blocks(self):
+        return self._tower.encoder.layers
+
+    def _feature_blocks(self, feature_layer) -> list[int]:
+        layers = [feature_layer] if isinstance(feature_layer, int) else list(feature_layer)
+        return [hidden_state_to_block(layer, len(self._blocks)) for layer in layers]
+
+    def encoder_info(self, feature_layer=None) -> EncoderInfo:
+        feature_layer = self.model.config.vision_feature_layer if feature_layer is None else feature_layer
+        return EncoderInfo(
+            depth=len(self._blocks),
+            feature_layer=self._feature_blocks(feature_layer)[-1],
+            has_cls=self.model.config.vision_config.model_type in CLS_ENCODERS,
+        )
+
+    def _grid(self) -> tuple[int, int]:
+        vision = self.model.config.vision_config
+        side = vision.image_size // vision.patch_size
+        return side, side
+
+    def validate(self) -> None:
+        strategy = self.model.config.vision_feature_select_strategy
+        if strategy != "default":
+            raise UnsupportedModelError(
+                f"vision_feature_select_strategy={strategy!r} is not supported yet; vtprune supports 'default' "
+                "(patch tokens only, CLS dropped), which every LLaVA-1.5 checkpoint uses"
+            )
+        self.check_budget(self._grid())
+        self.pruner.attention_layers(self.encoder_info())  # out-of-range layers fail now, not at the first call
+
+    # ------------------------------------------------------------------ per call
+    def encode(self, inputs: dict) -> EncodedImages:
+        if inputs.get("image_sizes") is not None:
+            raise NotImplementedError("image_sizes (variable-resolution vision towers) is not supported for LLaVA")
+        config = self.model.config
+        feature_layer = inputs.get("vision_feature_layer") or config.vision_feature_layer
+        strategy = inputs.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
+        if strategy != "default":
+            raise UnsupportedModelError(f"vision_feature_select_strategy={strategy!r} is not supported yet")
+        info = self.encoder_info(feature_layer)
+        feature_blocks = self._feature_blocks(feature_layer)
+        with capture_layers(self._blocks, inputs=self.pruner.attention_layers(info), outputs=set(feature_blocks)) as (
+            block_inputs,
+            block_outputs,
+        ):
+            self._tower(inputs["pixel_values"])
+        hidden = [block_outputs[b] for b in feature_blocks]
+        features = torch.cat([h[:, 1:] for h in hidden], dim=-1) if len(hidden) > 1 else hidden[0][:, 1:]
+        cls_features = torch.cat([h[:, 0] for h in hidden], dim=-1) if info.has_cls else None
+        projector = self.model.model.multi_modal_projector
+        probe = ClipAttentionProbe(self._blocks, block_inputs, visual=slice(1, None))
+        images = features.shape[0]
+        return reduce_images(
+            self.pruner,
+            [features[i] for i in range(images)],
+            [self._grid()] * images,
+            info,
+            project=projector,
+            probe=probe,
+            cls_features=None if cls_features is None else [cls_features[i] for i in range(images)],
+            projected=lambda: list(projector(features)),
+        )
+
+    def placeholder_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return input_ids == self.model.config.image_token_id
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(input_ids)
+
+    def original_position_ids(self, inputs: dict, for_generate: bool) -> torch.Tensor:
+        input_ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask")
+        if for_generate and mask is not None:
+            # What generate() derives from the attention mask.
+            return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        # What the Llama decoder uses when no position ids are given: 0..L-1, padding included.
+        batch, length = input_ids.shape
+        return torch.arange(length, device=input_ids.device).expand(batch, length)

@@ -1,0 +1,40 @@
+import pytest
+import torch
+
+import vtprune
+from vtprune.testing import random_images, tiny_llava
+
+torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def llava():
+    model, processor = tiny_llava(seed=0)
+    return model, processor
+
+
+@pytest.fixture(autouse=True)
+def _unpatched(request):
+    """A failing test must not leave the shared model patched for the next one."""
+    yield
+    if "llava" in request.fixturenames:
+        model = request.getfixturevalue("llava")[0]
+        if model.__dict__.get("_vtprune_handle") is not None:
+            vtprune.remove(model)
+
+
+@pytest.fixture(scope="session")
+def images():
+    return random_images(6, size=(400, 300), seed=1)
+
+
+def make_inputs(processor, prompts, images, padding_side="left"):
+    processor.tokenizer.padding_side = padding_side
+    kwargs = dict(text=prompts, return_tensors="pt", padding=True)
+    if images:
+        kwargs["images"] = images
+    return dict(processor(**kwargs))
+
+
+def mask_positions(attention_mask):
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)

@@ -1,0 +1,54 @@
+"""vtprune: training-free visual token pruning and merging for vision-language models.
+
+    import vtprune
+    vtprune.list_pruners()
+    handle = vtprune.apply(model, "fastervlm", keep=64)
+    ...  # use the processor and model exactly as before
+    handle.stats
+    handle.remove()
+"""
+
+from . import pruners  # noqa: F401  (registers the built-in pruners)
+from .api import apply, remove
+from .budget import Budget
+from .errors import (
+    AlreadyPatchedError,
+    BudgetError,
+    ConfigError,
+    MissingCLSError,
+    UnsupportedModelError,
+    VTPruneError,
+)
+from .integration import Integration, register_integration, supported_model_classes
+from .patching import PruneHandle
+from .pruners.base import Pruner
+from .registry import create_pruner, list_pruners, register_pruner
+from .tokens import CLS_INDEX, EncoderInfo, ImageStats, Reduction, TensorProbe, VisualTokens
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AlreadyPatchedError",
+    "Budget",
+    "BudgetError",
+    "CLS_INDEX",
+    "ConfigError",
+    "EncoderInfo",
+    "ImageStats",
+    "Integration",
+    "MissingCLSError",
+    "PruneHandle",
+    "Pruner",
+    "Reduction",
+    "TensorProbe",
+    "UnsupportedModelError",
+    "VTPruneError",
+    "VisualTokens",
+    "apply",
+    "create_pruner",
+    "list_pruners",
+    "register_integration",
+    "register_pruner",
+    "remove",
+    "supported_model_classes",
+]

@@ -1,0 +1,203 @@
+"""Base class and registry of model-family integrations, and the per-image reduction loop they share.
+
+An integration knows one model family (where its vision encoder, projector and placeholders are); it knows
+nothing about any particular pruner: it builds `VisualTokens`, calls `pruner.reduce`, and splices the result
+into the LLM input (see `vtprune.patching`).
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Sequence
+
+import torch
+
+from .errors import UnsupportedModelError
+from .pruners.base import Pruner
+from .tokens import AttentionProbe, EncoderInfo, ImageStats, Reduction, VisualTokens
+
+_INTEGRATIONS: list[type["Integration"]] = []
+
+
+def register_integration(cls: type["Integration"]) -> type["Integration"]:
+    """Class decorator adding an `Integration` to the list `vtprune.apply` searches."""
+    if cls not in _INTEGRATIONS:
+        _INTEGRATIONS.append(cls)
+    return cls
+
+
+def _load_builtin_integrations() -> None:
+    from . import integrations  # noqa: F401  (importing registers the built-in families)
+
+
+def supported_model_classes() -> list[str]:
+    _load_builtin_integrations()
+    return sorted(name for cls in _INTEGRATIONS for name in cls.model_classes)
+
+
+def find_integration(model: Any) -> type["Integration"]:
+    _load_builtin_integrations()
+    for cls in _INTEGRATIONS:
+        if cls.matches(model):
+            return cls
+    raise UnsupportedModelError(
+        f"vtprune has no integration for {type(model).__name__}; supported model classes: "
+        f"{', '.join(supported_model_classes())}"
+    )
+
+
+@dataclass
+class EncodedImages:
+    """The reduced visual tokens of every image of a batch, in the order the images were given."""
+
+    embeds: list[torch.Tensor]  # per image [K_i, D_llm]
+    order: list[torch.Tensor]  # per image [K_i]; -1 = CLS
+    stats: list[ImageStats]
+    selection_seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens_in(self) -> list[int]:
+        return [s.tokens_in for s in self.stats]
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reduce_images(
+    pruner: Pruner,
+    features: Sequence[torch.Tensor],
+    grids: Sequence[tuple[int, int]],
+    encoder: EncoderInfo,
+    project: Callable[[torch.Tensor], torch.Tensor],
+    probe: AttentionProbe | None = None,
+    cls_features: Sequence[torch.Tensor | None] | None = None,
+    projected: Callable[[], Sequence[torch.Tensor]] | None = None,
+    budgets: Sequence[int] | None = None,
+) -> EncodedImages:
+    """Run `pruner` on each image and return LLM-space embeddings of the surviving tokens.
+
+    Args:
+        features: per image ``[N_i, D_vision]`` projector inputs.
+        project: the model's projector, applied to vision-space tokens.
+        projected: returns per image ``[N_i, D_llm]`` projections of all tokens, computed once on demand
+            (integrations project the whole batch at once, as the unpatched model does, so that keeping every
+            token is bit-exact).
+        budgets: tokens to keep per image; default: the pruner's own budget resolved per image.
+    """
+    cache: dict[str, Sequence[torch.Tensor]] = {}
+
+    def all_projected() -> Sequence[torch.Tensor]:
+        if "p" not in cache:
+            cache["p"] = projected() if projected is not None else [project(f) for f in features]
+        return cache["p"]
+
+    device = features[0].device if len(features) else torch.device("cpu")
+    _synchronize(device)
+    started = time.perf_counter()
+    embeds, orders, stats = [], [], []
+    for i, feats in enumerate(features):
+        n = feats.shape[0]
+        keep = budgets[i] if budgets is not None else pruner.budget.resolve(n, where=f"image {i}")
+        tokens = VisualTokens(
+            feats,
+            grids[i],
+            encoder,
+            probe=probe,
+            image=i,
+            cls_feature=None if cls_features is None else cls_features[i],
+            embeddings=lambda i=i: all_projected()[i],
+        )
+        reduction = pruner.reduce(tokens, keep)
+        _check_reduction(pruner, reduction, n, keep)
+        if reduction.features is None:
+            gathered = all_projected()[i][reduction.order.to(feats.device)]
+        elif reduction.space == "vision":
+            gathered = project(reduction.features)
+        else:
+            gathered = reduction.features
+        embeds.append(gathered)
+        orders.append(reduction.order)
+        stats.append(ImageStats.from_reduction(reduction, n))
+    _synchronize(device)
+    # Selection time includes projecting the tokens that are kept: the unpatched model projects them too.
+    return EncodedImages(embeds=embeds, order=orders, stats=stats, selection_seconds=time.perf_counter() - started)
+
+
+def _check_reduction(pruner: Pruner, reduction: Reduction, n: int, keep: int) -> None:
+    order = reduction.order
+    name = pruner.name or type(pruner).__name__
+    if order.ndim != 1 or order.dtype not in (torch.int64, torch.int32):
+        raise RuntimeError(f"pruner {name!r} returned an order that is not a 1-D integer tensor")
+    if order.numel() != keep:
+        raise RuntimeError(f"pruner {name!r} returned {order.numel()} tokens for a budget of {keep}")
+    if order.numel() and (int(order.max()) >= n or int(order.min()) < -1):
+        raise RuntimeError(f"pruner {name!r} returned token indices outside [-1, {n})")
+    if reduction.features is None and bool((order < 0).any()):
+        raise RuntimeError(f"pruner {name!r} selected the CLS token without returning features")
+    if reduction.features is not None and reduction.features.shape[0] != keep:
+        raise RuntimeError(f"pruner {name!r} returned {reduction.features.shape[0]} features for {keep} tokens")
+
+
+class Integration(abc.ABC):
+    """One model family. Subclasses set the class attributes and implement the abstract methods."""
+
+    model_classes: ClassVar[tuple[str, ...]] = ()
+    """Class names this integration accepts (for error messages)."""
+    default_positions: ClassVar[str] = "compact"
+    visual_kwargs: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    """Forward keyword arguments that carry visual input: a call with any of them is pruned."""
+    encoder_kwargs: ClassVar[tuple[str, ...]] = ()
+    """Further keyword arguments `encode` reads; like `visual_kwargs`, never passed on after a pruned call."""
+
+    def __init__(self, model: torch.nn.Module, pruner: Pruner) -> None:
+        self.model = model
+        self.pruner = pruner
+
+    @classmethod
+    @abc.abstractmethod
+    def matches(cls, model: Any) -> bool:
+        """Whether this integration handles `model`."""
+
+    def validate(self) -> None:
+        """Apply-time checks (e.g. the budget against the tokens per image); raise `ConfigError`."""
+
+    @abc.abstractmethod
+    def encoder_info(self) -> EncoderInfo: ...
+
+    def has_visual_input(self, inputs: dict) -> bool:
+        return any(inputs.get(name) is not None for name in self.visual_kwargs)
+
+    @abc.abstractmethod
+    def encode(self, inputs: dict) -> EncodedImages:
+        """Run the vision encoder on the visual inputs of one call and reduce every image."""
+
+    @abc.abstractmethod
+    def placeholder_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``[B, L]`` boolean mask of image placeholder tokens."""
+
+    @abc.abstractmethod
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def original_position_ids(self, inputs: dict, for_generate: bool) -> torch.Tensor:
+        """Positions the unpatched model would give the unpruned sequence of this call."""
+
+    @property
+    def pad_token_id(self) -> int:
+        config = self.model.config
+        for cfg in (config, getattr(config, "text_config", None)):
+            pad = getattr(cfg, "pad_token_id", None) if cfg is not None else None
+            if pad is not None:
+                return int(pad)
+        return 0
+
+    def check_budget(self, grid: tuple[int, int]) -> None:
+        """Fail at apply time, not at the first forward, when every image (a fixed `grid` of tokens) would fail."""
+        tokens = grid[0] * grid[1]
+        keep = self.pruner.budget.resolve(tokens, where=f"each image of {type(self.model).__name__}")
+        self.pruner.check(keep, grid)

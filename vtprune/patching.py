@@ -1,0 +1,252 @@
+"""Instance-level patching of a VLM's `forward` and `generate`, and the handle that undoes it.
+
+Only the given model object is touched (never its class): `forward` and `generate` become instance attributes
+wrapping the originals, plus one `_vtprune_handle` attribute. `remove()` deletes exactly those, so the model is
+restored bit for bit. Hooks needed to read encoder layers live only for the duration of one encoder call.
+
+On a call that carries images, the wrapper runs the vision encoder, reduces each image with the pruner, builds
+the pruned LLM input (`vtprune.sequence.compress`) and calls the original method with `inputs_embeds`:
+- `forward` returns outputs for the pruned sequence (`handle.last_sequence.source` maps its columns back);
+- `generate` returns the original prompt ids followed by the new tokens, exactly like the unpatched model.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .integration import Integration
+from .pruners.base import Pruner
+from .sequence import PrunedSequence, compress, find_image_slots
+from .tokens import ImageStats
+
+HANDLE_ATTRIBUTE = "_vtprune_handle"
+
+
+@dataclass
+class _DecodeSession:
+    """Bookkeeping that lets a hand-written decode loop (forward with a cache) follow a pruned prefill."""
+
+    original_length: int
+    pruned_mask: torch.Tensor
+    pruned_length: int
+    position_shift: int | None  # preserve mode with default positions: original minus pruned length
+
+
+def _bind(method, args: tuple, kwargs: dict) -> dict:
+    signature = inspect.signature(method)
+    bound = signature.bind_partial(*args, **kwargs)
+    inputs = {}
+    for name, value in bound.arguments.items():
+        if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            inputs.update(value)
+        else:
+            inputs[name] = value
+    return inputs
+
+
+def _wrapper(original, replacement):
+    @functools.wraps(original)
+    def wrapped(*args, **kwargs):
+        return replacement(*args, **kwargs)
+
+    return wrapped
+
+
+class PruneHandle:
+    """What `vtprune.apply` returns: the patch on one model, its statistics, and `remove()`.
+
+    Attributes:
+        stats: per image of the last call with images, an `ImageStats` (tokens in/out, kept indices, order,
+            assignment to merge groups; ``extra["row"]`` is the batch row the image belongs to).
+        selection_time: seconds the last call spent reducing tokens (attention recomputation, selection,
+            projection of the kept tokens).
+        last_sequence: the pruned LLM input of the last call with images.
+    """
+
+    def __init__(self, model: torch.nn.Module, integration: Integration, pruner: Pruner, positions: str) -> None:
+        self.model = model
+        self.integration = integration
+        self.pruner = pruner
+        self.positions = positions
+        self.stats: list[ImageStats] = []
+        self.selection_time: float = 0.0
+        self.last_sequence: PrunedSequence | None = None
+        self._session: _DecodeSession | None = None
+        self._saved: dict[str, tuple[bool, Any]] = {}
+        self._original_forward = model.forward
+        self._original_generate = getattr(model, "generate", None)
+
+    # ------------------------------------------------------------------ install / remove
+    def _set(self, name: str, value: Any) -> None:
+        had = name in self.model.__dict__
+        self._saved[name] = (had, self.model.__dict__.get(name))
+        setattr(self.model, name, value)
+
+    def _install(self) -> None:
+        try:
+            # Keep the original signatures visible: generate() inspects forward's parameters.
+            self._set("forward", _wrapper(self._original_forward, self._forward))
+            if self._original_generate is not None:
+                self._set("generate", _wrapper(self._original_generate, self._generate))
+            self._set(HANDLE_ATTRIBUTE, self)
+        except BaseException:
+            self.remove()
+            raise
+
+    @property
+    def active(self) -> bool:
+        return self.model.__dict__.get(HANDLE_ATTRIBUTE) is self
+
+    def remove(self) -> None:
+        """Restore the model exactly as it was before `apply`. Safe to call twice."""
+        for name, (had, value) in reversed(list(self._saved.items())):
+            if had:
+                self.model.__dict__[name] = value
+            else:
+                self.model.__dict__.pop(name, None)
+        self._saved.clear()
+        self._session = None
+
+    def __enter__(self) -> "PruneHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        return f"PruneHandle({type(self.model).__name__}, {self.pruner!r}, positions={self.positions!r}, {state})"
+
+    # ------------------------------------------------------------------ the pruned prefill
+    def _prepare(self, inputs: dict, for_generate: bool) -> PrunedSequence:
+        integration = self.integration
+        input_ids = inputs.get("input_ids")
+        if input_ids is None:
+            raise ValueError("vtprune needs input_ids to locate the image placeholders; pass input_ids, not inputs_embeds")
+        if inputs.get("inputs_embeds") is not None:
+            raise ValueError("pass either input_ids with images or inputs_embeds, not both")
+        if inputs.get("attention_mask") is None and for_generate:
+            inputs["attention_mask"] = self._infer_generate_mask(input_ids)
+        encoded = integration.encode(inputs)
+        slots = find_image_slots(integration.placeholder_mask(input_ids), encoded.tokens_in)
+        position_ids = inputs.get("position_ids")
+        if position_ids is None and self.positions == "preserve":
+            position_ids = integration.original_position_ids(inputs, for_generate=for_generate)
+        pad_id = integration.pad_token_id
+        sequence = compress(
+            input_ids,
+            integration.embed_tokens(input_ids),
+            inputs.get("attention_mask"),
+            slots,
+            encoded.embeds,
+            encoded.order,
+            positions=self.positions,
+            position_ids=position_ids,
+            pad_token_id=pad_id,
+            pad_embedding=integration.embed_tokens(torch.tensor([pad_id], device=input_ids.device))[0],
+            extras={"labels": (inputs.get("labels"), -100)},
+        )
+        for stat, slot in zip(encoded.stats, slots):
+            stat.extra["row"] = slot.row
+        self.stats = encoded.stats
+        self.selection_time = encoded.selection_seconds
+        self.last_sequence = sequence
+
+        for name in integration.visual_kwargs + integration.encoder_kwargs:
+            inputs.pop(name, None)
+        inputs["input_ids"] = None
+        inputs["inputs_embeds"] = sequence.inputs_embeds
+        if inputs.get("attention_mask") is not None or not bool(sequence.attention_mask.all()):
+            inputs["attention_mask"] = sequence.attention_mask
+        inputs["position_ids"] = sequence.position_ids
+        if "labels" in sequence.extras:
+            inputs["labels"] = sequence.extras["labels"]
+        return sequence
+
+    def _infer_generate_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # Same rule as transformers' generate: padding is inferred only when pad differs from eos.
+        config = self.model.generation_config
+        pad, eos = config.pad_token_id, config.eos_token_id
+        eos_ids = eos if isinstance(eos, (list, tuple)) else [eos]
+        if pad is not None and pad not in eos_ids and bool((input_ids == pad).any()):
+            return input_ids.ne(pad).long()
+        return torch.ones_like(input_ids)
+
+    # ------------------------------------------------------------------ forward
+    def _forward(self, *args, **kwargs):
+        inputs = _bind(self._original_forward, args, kwargs)
+        if not self.integration.has_visual_input(inputs):
+            self._follow_session(inputs)
+            return self._original_forward(**inputs)
+        cache = inputs.get("past_key_values")
+        if cache is not None and cache.get_seq_length() > 0:
+            raise NotImplementedError(
+                "vtprune prunes images at prefill; a call with images and a non-empty cache is not supported"
+            )
+        user_positions = inputs.get("position_ids")
+        sequence = self._prepare(inputs, for_generate=False)
+        self._session = None
+        if inputs.get("use_cache", True) is not False:
+            shift = None
+            if self.positions == "preserve" and user_positions is None:
+                shift = sequence.original_length - sequence.inputs_embeds.shape[1]
+            self._session = _DecodeSession(
+                original_length=sequence.original_length,
+                pruned_mask=sequence.attention_mask,
+                pruned_length=sequence.inputs_embeds.shape[1],
+                position_shift=shift,
+            )
+        return self._original_forward(**inputs)
+
+    def _follow_session(self, inputs: dict) -> None:
+        """Translate a decode step written against the unpruned length to the pruned cache."""
+        session, cache = self._session, inputs.get("past_key_values")
+        if session is None:
+            return
+        if cache is None or cache.get_seq_length() == 0:
+            self._session = None
+            return
+        mask = inputs.get("attention_mask")
+        new = inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs.get("inputs_embeds")
+        if mask is None or mask.ndim != 2 or new is None:
+            return
+        cached, step = cache.get_seq_length(), new.shape[1]
+        beyond = mask.shape[1] - session.original_length
+        if beyond < step or cached != session.pruned_length + beyond - step:
+            return
+        inputs["attention_mask"] = torch.cat([session.pruned_mask.to(mask.dtype), mask[:, session.original_length :]], dim=1)
+        if session.position_shift is not None and inputs.get("position_ids") is None:
+            positions = torch.arange(cached, cached + step, device=new.device) + session.position_shift
+            inputs["position_ids"] = positions.unsqueeze(0).expand(new.shape[0], -1)
+
+    # ------------------------------------------------------------------ generate
+    def _generate(self, *args, **kwargs):
+        inputs = _bind(self._original_generate, args, kwargs)
+        if "inputs" in inputs:
+            if inputs.get("input_ids") is not None and inputs["inputs"] is not None:
+                raise ValueError("pass the prompt ids as `inputs` or `input_ids`, not both")
+            inputs["input_ids"] = inputs.pop("inputs")
+        if not self.integration.has_visual_input(inputs):
+            return self._original_generate(*args, **kwargs)
+        original_ids = inputs["input_ids"]
+        self._session = None
+        with torch.no_grad():
+            sequence = self._prepare(inputs, for_generate=True)
+        inputs["input_ids"] = sequence.input_ids
+        if inputs.get("position_ids") is None:
+            inputs.pop("position_ids", None)  # let generate number the pruned prompt (compact)
+        inputs.pop("labels", None)
+        output = self._original_generate(**inputs)
+        sequences = output if torch.is_tensor(output) else output.sequences
+        copies = sequences.shape[0] // original_ids.shape[0]
+        prompt = original_ids.repeat_interleave(copies, dim=0).to(sequences.device)
+        restored = torch.cat([prompt, sequences[:, sequence.input_ids.shape[1] :]], dim=1)
+        if torch.is_tensor(output):
+            return restored
+        output.sequences = restored
+        return output

@@ -1,0 +1,157 @@
+"""Tiny vision-language models built offline from configs, for tests and for users testing their own pruners.
+
+Nothing here downloads anything: the tokenizer is a byte-level BPE made in memory (every byte is a token, no
+merges), the processor uses transformers' PIL image processors, and the weights are random. Geometry is kept
+real where it matters for pruning (CLIP-336/14: a 24 x 24 grid, 576 visual tokens per image), widths are tiny.
+
+Weights are initialised with a larger standard deviation than transformers' default (0.02) so that outputs
+depend visibly on every input token: equivalence tests on near-constant logits could not fail.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["byte_level_tokenizer", "tiny_llava", "random_images", "LLAVA_CHAT_TEMPLATE"]
+
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>\n{% else %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% if message['role'] == 'user' %} {% else %}</s>{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def _byte_symbols() -> list[str]:
+    # GPT-2's reversible byte -> printable unicode map, so that any text round-trips through the BPE vocabulary.
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    by_byte = dict(zip(printable, codes))
+    return [chr(by_byte[b]) for b in range(256)]
+
+
+def byte_level_tokenizer(special_tokens: list[str], chat_template: str | None = None, pad_token: str = "<pad>", eos_token: str = "</s>"):
+    """A byte-level BPE tokenizer with the 256 byte symbols plus `special_tokens`, built without any file."""
+    from transformers import Qwen2Tokenizer
+
+    vocab = {sym: i for i, sym in enumerate(_byte_symbols())}
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=eos_token, eos_token=eos_token, pad_token=pad_token)
+    tokenizer.add_special_tokens({"additional_special_tokens": [t for t in special_tokens if t not in (pad_token, eos_token)]})
+    tokenizer.add_special_tokens({"pad_token": pad_token, "eos_token": eos_token})
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def _init_std(model: torch.nn.Module, std: float, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim >= 2:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+            elif name.endswith("bias"):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1 * std)
+
+
+def tiny_llava(
+    seed: int = 0,
+    image_size: int = 336,
+    patch_size: int = 14,
+    vision_layers: int = 8,
+    vision_width: int = 32,
+    text_layers: int = 2,
+    text_width: int = 64,
+    attn_implementation: str = "sdpa",
+    vision_feature_select_strategy: str = "default",
+):
+    """A random-weight `LlavaForConditionalGeneration` with LLaVA-1.5 geometry and a matching `LlavaProcessor`.
+
+    Returns ``(model, processor)``; the model is in eval mode, float32, on the CPU.
+    """
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    tokenizer = byte_level_tokenizer(["<image>"], chat_template=LLAVA_CHAT_TEMPLATE)
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    vision_config = CLIPVisionConfig(
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_size=vision_width,
+        intermediate_size=2 * vision_width,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=4,
+        projection_dim=vision_width,
+    )
+    text_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=text_width,
+        intermediate_size=2 * text_width,
+        num_hidden_layers=text_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy=vision_feature_select_strategy,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.set_attn_implementation(attn_implementation)
+    _init_std(model, std=0.2, seed=seed)
+    model.eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+    image_processor = LlavaImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy=vision_feature_select_strategy,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+        num_additional_image_tokens=1,
+    )
+    return model, processor
+
+
+def random_images(count: int, size: tuple[int, int] = (400, 300), seed: int = 0):
+    """`count` PIL images of smooth random blobs (so attention and similarity have structure to find)."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(seed)
+    images = []
+    width, height = size
+    for _ in range(count):
+        coarse = torch.rand(3, 6, 8, generator=generator)
+        smooth = torch.nn.functional.interpolate(coarse[None], size=(height, width), mode="bicubic", align_corners=False)[0]
+        noise = torch.rand(3, height, width, generator=generator) * 0.15
+        pixels = ((smooth + noise).clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        images.append(Image.fromarray(pixels))
+    return images
