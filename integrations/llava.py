@@ -8,6 +8,8 @@ tokens are projected after merging. Positions default to ``compact`` (all LLaVA 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from vtprune.capture import capture_layers
@@ -16,6 +18,17 @@ from vtprune.integration import EncodedImages, Integration, reduce_images, regis
 from vtprune.tokens import EncoderInfo
 
 from .clip_attention import ClipAttentionProbe
+
+
+@dataclass
+class EncoderRun:
+    """One pass of the vision tower: features of the feature layer and captured block inputs."""
+
+    info: EncoderInfo
+    features: torch.Tensor  # [I, N, D] patch features (CLS dropped)
+    cls_features: torch.Tensor | None  # [I, D]
+    block_inputs: dict[int, torch.Tensor]
+
 
 CLS_ENCODERS = ("clip_vision_model",)
 
@@ -85,32 +98,41 @@ class LlavaIntegration(Integration):
         if inputs.get("image_sizes") is not None:
             raise NotImplementedError("image_sizes (variable-resolution vision towers) is not supported for LLaVA")
         config = self.model.config
-        feature_layer = inputs.get("vision_feature_layer") or config.vision_feature_layer
         strategy = inputs.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
         if strategy != "default":
             raise UnsupportedModelError(f"vision_feature_select_strategy={strategy!r} is not supported yet")
+        feature_layer = inputs.get("vision_feature_layer") or config.vision_feature_layer
+        info = self.encoder_info(feature_layer)
+        return self.reduce(self.run_encoder(inputs["pixel_values"], feature_layer, self.pruner.attention_layers(info)))
+
+    def run_encoder(self, pixel_values: torch.Tensor, feature_layer, attention_layers: set[int]) -> EncoderRun:
+        """Run the vision tower once, capturing the feature layer and the inputs of `attention_layers`."""
         info = self.encoder_info(feature_layer)
         feature_blocks = self._feature_blocks(feature_layer)
-        with capture_layers(self._blocks, inputs=self.pruner.attention_layers(info), outputs=set(feature_blocks)) as (
-            block_inputs,
-            block_outputs,
-        ):
-            self._tower(inputs["pixel_values"])
+        with capture_layers(self._blocks, inputs=attention_layers, outputs=set(feature_blocks)) as captured:
+            self._tower(pixel_values)
+        block_inputs, block_outputs = captured
         hidden = [block_outputs[b] for b in feature_blocks]
+        # Sliced exactly as the unpatched get_image_features does, so the projector sees identical tensors.
         features = torch.cat([h[:, 1:] for h in hidden], dim=-1) if len(hidden) > 1 else hidden[0][:, 1:]
-        cls_features = torch.cat([h[:, 0] for h in hidden], dim=-1) if info.has_cls else None
+        cls_features = None
+        if info.has_cls:
+            cls_features = torch.cat([h[:, 0] for h in hidden], dim=-1) if len(hidden) > 1 else hidden[0][:, 0]
+        return EncoderRun(info=info, features=features, cls_features=cls_features, block_inputs=block_inputs)
+
+    def reduce(self, run: EncoderRun) -> EncodedImages:
+        """Reduce every image of an encoder run (attention recomputed afresh: nothing is cached across calls)."""
         projector = self.model.model.multi_modal_projector
-        probe = ClipAttentionProbe(self._blocks, block_inputs, visual=slice(1, None))
-        images = features.shape[0]
+        images = run.features.shape[0]
         return reduce_images(
             self.pruner,
-            [features[i] for i in range(images)],
+            [run.features[i] for i in range(images)],
             [self._grid()] * images,
-            info,
+            run.info,
             project=projector,
-            probe=probe,
-            cls_features=None if cls_features is None else [cls_features[i] for i in range(images)],
-            projected=lambda: list(projector(features)),
+            probe=ClipAttentionProbe(self._blocks, run.block_inputs, visual=slice(1, None)),
+            cls_features=None if run.cls_features is None else [run.cls_features[i] for i in range(images)],
+            projected=lambda: list(projector(run.features)),
         )
 
     def placeholder_mask(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -115,7 +115,13 @@ def reduce_images(
         reduction = pruner.reduce(tokens, keep)
         _check_reduction(pruner, reduction, n, keep)
         if reduction.features is None:
-            gathered = all_projected()[i][reduction.order.to(feats.device)]
+            order = reduction.order.to(feats.device)
+            if "p" in cache or keep == n:
+                # Already projected for the pruner, or keep-all: gather from the batch projection, which is
+                # bit-identical to the unpatched model's.
+                gathered = all_projected()[i][order]
+            else:
+                gathered = project(feats[order])  # the projector is per-token: project only what the LLM gets
         elif reduction.space == "vision":
             gathered = project(reduction.features)
         else:
@@ -124,7 +130,7 @@ def reduce_images(
         orders.append(reduction.order)
         stats.append(ImageStats.from_reduction(reduction, n))
     _synchronize(device)
-    # Selection time includes projecting the tokens that are kept: the unpatched model projects them too.
+    # Selection time includes projecting the tokens the LLM receives (the unpatched model projects all N).
     return EncodedImages(embeds=embeds, order=orders, stats=stats, selection_seconds=time.perf_counter() - started)
 
 
