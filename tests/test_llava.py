@@ -40,6 +40,7 @@ def test_keep_all_is_bit_exact(llava, batch, name, positions):
         assert torch.equal(model(**batch).logits, reference)
         assert torch.equal(model.generate(**batch, max_new_tokens=4, do_sample=False), ref_generate)
         assert [s.tokens_out for s in handle.stats] == [N, N, N]
+        assert torch.equal(handle.last_sequence.kept_mask, batch["attention_mask"].bool())
 
 
 # ---------------------------------------------------------------------------------------------- hand-built sequence
@@ -298,3 +299,60 @@ def test_vtprune_remove_and_context_manager(llava, batch):
     with vtprune.apply(model, "random", keep=36, seed=3) as handle:
         assert handle.active
     assert not handle.active and "forward" not in model.__dict__
+
+
+# ---------------------------------------------------------------------------------------------- other call shapes
+def test_labels_follow_the_pruned_sequence(llava, batch):
+    model, _ = llava
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    labels = ids.masked_fill(ids == model.config.image_token_id, -100).masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        reference = model(**batch, labels=labels).loss
+    with vtprune.apply(model, "fastervlm", keep=N), torch.no_grad():
+        assert torch.equal(model(**batch, labels=labels).loss, reference)
+    keep = 20
+    with vtprune.apply(model, "fastervlm", keep=keep), torch.no_grad():
+        out = model(**batch, labels=labels)
+    # Built independently: each attended text token keeps its label, each image becomes `keep` unlabelled slots.
+    length = out.logits.shape[1]
+    expected = torch.full((ids.shape[0], length), -100)
+    for row in range(ids.shape[0]):
+        row_labels, placeholders = [], 0
+        for token, label in zip(ids[row][mask[row].bool()].tolist(), labels[row][mask[row].bool()].tolist()):
+            if token == model.config.image_token_id:
+                placeholders += 1
+                if placeholders % N == 1:
+                    row_labels += [-100] * keep
+            else:
+                row_labels.append(label)
+        expected[row, length - len(row_labels) :] = torch.tensor(row_labels)
+    loss = torch.nn.functional.cross_entropy(
+        out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), expected[:, 1:].reshape(-1), ignore_index=-100
+    )
+    torch.testing.assert_close(out.loss, loss)
+
+
+def test_beam_search_returns_prompt_and_new_tokens(llava, batch):
+    model, _ = llava
+    with vtprune.apply(model, "fastervlm", keep=32), torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
+    length = batch["input_ids"].shape[1]
+    assert out.shape == (6, length + 3)
+    assert torch.equal(out[:, :length], batch["input_ids"].repeat_interleave(2, dim=0))
+
+
+def test_bfloat16(images):
+    from conftest import make_inputs as build
+    from vtprune.testing import tiny_llava
+
+    model, processor = tiny_llava(seed=1, vision_layers=4)
+    model = model.to(torch.bfloat16)
+    inputs = build(processor, PROMPTS[:2], images[:1])
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        with vtprune.apply(model, "hiprune", keep=N):
+            assert torch.equal(model(**inputs).logits, reference)
+        with vtprune.apply(model, "visionzip", keep=64) as handle:
+            assert model(**inputs).logits.dtype == torch.bfloat16
+            assert [s.tokens_out for s in handle.stats] == [64]

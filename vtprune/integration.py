@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Sequence
 
 import torch
@@ -56,7 +56,6 @@ class EncodedImages:
     order: list[torch.Tensor]  # per image [K_i]; -1 = CLS
     stats: list[ImageStats]
     selection_seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
 
     @property
     def tokens_in(self) -> list[int]:
