@@ -14,7 +14,7 @@ import torch
 
 from vtprune.capture import capture_layers
 from vtprune.errors import UnsupportedModelError
-from vtprune.integration import EncodedImages, Integration, reduce_images, register_integration
+from vtprune.integration import EncodedImages, VLMIntegration, reduce_images, register_integration
 from vtprune.tokens import EncoderInfo
 
 from .clip_attention import ClipAttentionProbe
@@ -43,7 +43,7 @@ def hidden_state_to_block(index: int, depth: int) -> int:
 
 
 @register_integration
-class LlavaIntegration(Integration):
+class LlavaIntegration(VLMIntegration):
     model_classes = ("LlavaForConditionalGeneration",)
     default_positions = "compact"
     visual_kwargs = ("pixel_values",)

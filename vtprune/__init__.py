@@ -19,7 +19,7 @@ from .errors import (
     UnsupportedModelError,
     VTPruneError,
 )
-from .integration import Integration, register_integration, supported_model_classes
+from .integration import Integration, VLMIntegration, register_integration, supported_model_classes
 from .patching import PruneHandle
 from .pruners.base import Pruner
 from .registry import create_pruner, list_pruners, register_pruner
@@ -43,6 +43,7 @@ __all__ = [
     "TensorProbe",
     "UnsupportedModelError",
     "VTPruneError",
+    "VLMIntegration",
     "VisualTokens",
     "apply",
     "create_pruner",

@@ -33,7 +33,8 @@ def apply(
         ratio: fraction of each image's visual tokens to keep, in (0, 1].
         positions: ``"compact"`` (kept tokens renumbered contiguously) or ``"preserve"`` (each kept token keeps
             its original position id). Default: the family's convention (LLaVA: compact, as the papers).
-        **options: the pruner's hyperparameters (e.g. ``contextual=10`` for VisionZip) when `pruner` is a name.
+        **options: the family's options (LLaVA-NeXT ``budget_scope``, timm ``after_block``) and, when `pruner`
+            is a name, the pruner's hyperparameters (e.g. ``contextual=10`` for VisionZip).
 
     Returns:
         A `PruneHandle`: ``.stats`` after each call, ``.remove()`` (or use it as a context manager).
@@ -44,6 +45,7 @@ def apply(
             f"({model.__dict__[HANDLE_ATTRIBUTE].pruner!r}); call .remove() or vtprune.remove(model) first"
         )
     integration_cls = find_integration(model)
+    integration_options = {name: options.pop(name) for name in list(options) if name in integration_cls.options}
     if isinstance(pruner, Pruner):
         if keep is not None or ratio is not None or options:
             raise ConfigError(
@@ -56,10 +58,14 @@ def apply(
         raise ConfigError(f"pruner must be a registered name or a Pruner object, got {type(pruner).__name__}")
     if not pruner.budget.is_set:
         raise ConfigError(f"pruner {pruner.name!r} has no default budget: pass keep=<tokens per image> or ratio=<(0, 1]>")
-    positions = integration_cls.default_positions if positions is None else positions
-    if positions not in POSITION_MODES:
-        raise ConfigError(f"positions must be one of {', '.join(POSITION_MODES)}; got {positions!r}")
-    integration = integration_cls(model, pruner)
+    if integration_cls.default_positions is None:
+        if positions is not None:
+            raise ConfigError(f"positions does not apply to {type(model).__name__} (it has no language model)")
+    else:
+        positions = integration_cls.default_positions if positions is None else positions
+        if positions not in POSITION_MODES:
+            raise ConfigError(f"positions must be one of {', '.join(POSITION_MODES)}; got {positions!r}")
+    integration = integration_cls(model, pruner, **integration_options)
     integration.validate()
     handle = PruneHandle(model, integration, pruner, positions)
     handle._install()

@@ -14,7 +14,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
-from .errors import UnsupportedModelError
+from .errors import ConfigError, UnsupportedModelError
 from .pruners.base import Pruner
 from .tokens import AttentionProbe, EncoderInfo, ImageStats, Reduction, VisualTokens
 
@@ -149,19 +149,26 @@ def _check_reduction(pruner: Pruner, reduction: Reduction, n: int, keep: int) ->
 
 
 class Integration(abc.ABC):
-    """One model family. Subclasses set the class attributes and implement the abstract methods."""
+    """One model family. Subclasses set the class attributes and implement the abstract methods.
+
+    `install` decides what is patched on the model instance; everything it sets goes through
+    ``handle.set_attribute`` so that `PruneHandle.remove` restores it.
+    """
 
     model_classes: ClassVar[tuple[str, ...]] = ()
     """Class names this integration accepts (for error messages)."""
-    default_positions: ClassVar[str] = "compact"
-    visual_kwargs: ClassVar[tuple[str, ...]] = ("pixel_values",)
-    """Forward keyword arguments that carry visual input: a call with any of them is pruned."""
-    encoder_kwargs: ClassVar[tuple[str, ...]] = ()
-    """Further keyword arguments `encode` reads; like `visual_kwargs`, never passed on after a pruned call."""
+    default_positions: ClassVar[str | None] = "compact"
+    """Default position convention; None when the family has no LLM positions (plain ViTs)."""
+    options: ClassVar[dict[str, Any]] = {}
+    """Family-specific `vtprune.apply` options and their defaults (e.g. LLaVA-NeXT's budget_scope)."""
 
-    def __init__(self, model: torch.nn.Module, pruner: Pruner) -> None:
+    def __init__(self, model: torch.nn.Module, pruner: Pruner, **options: Any) -> None:
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise ConfigError(f"{type(self).__name__} got unknown option(s) {unknown}; valid: {sorted(self.options)}")
         self.model = model
         self.pruner = pruner
+        self.settings = {**self.options, **options}
 
     @classmethod
     @abc.abstractmethod
@@ -173,6 +180,36 @@ class Integration(abc.ABC):
 
     @abc.abstractmethod
     def encoder_info(self) -> EncoderInfo: ...
+
+    @abc.abstractmethod
+    def install(self, handle: Any) -> None:
+        """Patch `self.model` (through ``handle.set_attribute``) so that its calls are pruned."""
+
+    def check_budget(self, grid: tuple[int, int]) -> None:
+        """Fail at apply time, not at the first forward, when every image (a fixed `grid` of tokens) would fail."""
+        tokens = grid[0] * grid[1]
+        keep = self.pruner.budget.resolve(tokens, where=f"each image of {type(self.model).__name__}")
+        self.pruner.check(keep, grid)
+
+
+class VLMIntegration(Integration):
+    """A VLM whose processor writes image placeholder tokens that the model fills with projected features.
+
+    The shared machinery (`vtprune.patching.VLMSplice`) encodes and reduces the images, shortens the LLM input
+    and calls the original forward / generate with ``inputs_embeds``.
+    """
+
+    visual_kwargs: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    """Forward keyword arguments that carry visual input: a call with any of them is pruned."""
+    encoder_kwargs: ClassVar[tuple[str, ...]] = ()
+    """Further keyword arguments `encode` reads; like `visual_kwargs`, never passed on after a pruned call."""
+    token_kwargs: ClassVar[dict[str, int]] = {"labels": -100}
+    """Per-token ``[B, L]`` keyword arguments shortened along with the sequence, and their padding value."""
+
+    def install(self, handle: Any) -> None:
+        from .patching import VLMSplice
+
+        VLMSplice(handle, self).install()
 
     def has_visual_input(self, inputs: dict) -> bool:
         return any(inputs.get(name) is not None for name in self.visual_kwargs)
@@ -192,6 +229,18 @@ class Integration(abc.ABC):
     def original_position_ids(self, inputs: dict, for_generate: bool) -> torch.Tensor:
         """Positions the unpatched model would give the unpruned sequence of this call."""
 
+    def position_ids_for(self, inputs: dict, for_generate: bool, positions: str) -> torch.Tensor | None:
+        """Positions of the unpruned sequence handed to `compress`: the user's if given; the model's own when
+        preserving them; None for compact, so the model numbers the pruned sequence as it would any prompt."""
+        if inputs.get("position_ids") is not None:
+            return inputs["position_ids"]
+        if positions == "preserve":
+            return self.original_position_ids(inputs, for_generate=for_generate)
+        return None
+
+    def after_prefill(self, sequence: Any, for_generate: bool) -> None:
+        """Hook after the pruned prefill input is built (e.g. to update model state that decoding reads)."""
+
     @property
     def pad_token_id(self) -> int:
         config = self.model.config
@@ -200,9 +249,3 @@ class Integration(abc.ABC):
             if pad is not None:
                 return int(pad)
         return 0
-
-    def check_budget(self, grid: tuple[int, int]) -> None:
-        """Fail at apply time, not at the first forward, when every image (a fixed `grid` of tokens) would fail."""
-        tokens = grid[0] * grid[1]
-        keep = self.pruner.budget.resolve(tokens, where=f"each image of {type(self.model).__name__}")
-        self.pruner.check(keep, grid)

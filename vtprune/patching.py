@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .integration import Integration
+from .integration import Integration, VLMIntegration
 from .pruners.base import Pruner
 from .sequence import PrunedSequence, compress, find_image_slots
 from .tokens import ImageStats
@@ -34,7 +34,7 @@ class _DecodeSession:
     original_length: int
     pruned_mask: torch.Tensor
     pruned_length: int
-    position_shift: int | None  # preserve mode with default positions: original minus pruned length
+    position_shift: torch.Tensor | None  # [B]: next position minus cache length, when vtprune built the positions
 
 
 def _bind(method, args: tuple, kwargs: dict) -> dict:
@@ -65,10 +65,10 @@ class PruneHandle:
             assignment to merge groups; ``extra["row"]`` is the batch row the image belongs to).
         selection_time: seconds the last call spent reducing tokens (attention recomputation, selection,
             projection of the kept tokens).
-        last_sequence: the pruned LLM input of the last call with images.
+        last_sequence: the pruned LLM input of the last call with images (VLMs only).
     """
 
-    def __init__(self, model: torch.nn.Module, integration: Integration, pruner: Pruner, positions: str) -> None:
+    def __init__(self, model: torch.nn.Module, integration: Integration, pruner: Pruner, positions: str | None) -> None:
         self.model = model
         self.integration = integration
         self.pruner = pruner
@@ -76,24 +76,23 @@ class PruneHandle:
         self.stats: list[ImageStats] = []
         self.selection_time: float = 0.0
         self.last_sequence: PrunedSequence | None = None
-        self._session: _DecodeSession | None = None
         self._saved: dict[str, tuple[bool, Any]] = {}
-        self._original_forward = model.forward
-        self._original_generate = getattr(model, "generate", None)
+        self._on_remove: list = []
 
-    # ------------------------------------------------------------------ install / remove
-    def _set(self, name: str, value: Any) -> None:
-        had = name in self.model.__dict__
-        self._saved[name] = (had, self.model.__dict__.get(name))
+    def set_attribute(self, name: str, value: Any) -> None:
+        """Set an instance attribute of the model, remembering what to restore."""
+        if name not in self._saved:
+            self._saved[name] = (name in self.model.__dict__, self.model.__dict__.get(name))
         setattr(self.model, name, value)
+
+    def on_remove(self, callback) -> None:
+        """Register a callback run by `remove` (for state an integration keeps outside the model's attributes)."""
+        self._on_remove.append(callback)
 
     def _install(self) -> None:
         try:
-            # Keep the original signatures visible: generate() inspects forward's parameters.
-            self._set("forward", _wrapper(self._original_forward, self._forward))
-            if self._original_generate is not None:
-                self._set("generate", _wrapper(self._original_generate, self._generate))
-            self._set(HANDLE_ATTRIBUTE, self)
+            self.integration.install(self)
+            self.set_attribute(HANDLE_ATTRIBUTE, self)
         except BaseException:
             self.remove()
             raise
@@ -110,7 +109,9 @@ class PruneHandle:
             else:
                 self.model.__dict__.pop(name, None)
         self._saved.clear()
-        self._session = None
+        callbacks, self._on_remove = self._on_remove, []
+        for callback in reversed(callbacks):
+            callback()
 
     def __enter__(self) -> "PruneHandle":
         return self
@@ -121,6 +122,29 @@ class PruneHandle:
     def __repr__(self) -> str:
         state = "active" if self.active else "removed"
         return f"PruneHandle({type(self.model).__name__}, {self.pruner!r}, positions={self.positions!r}, {state})"
+
+
+class VLMSplice:
+    """The patch of a placeholder VLM's `forward` and `generate` (see the module docstring)."""
+
+    def __init__(self, handle: PruneHandle, integration: VLMIntegration) -> None:
+        self.handle = handle
+        self.integration = integration
+        self.positions = handle.positions
+        self.model = handle.model
+        self._session: _DecodeSession | None = None
+        self._original_forward = self.model.forward
+        self._original_generate = getattr(self.model, "generate", None)
+
+    def install(self) -> None:
+        # Keep the original signatures visible: generate() inspects forward's parameters.
+        self.handle.set_attribute("forward", _wrapper(self._original_forward, self._forward))
+        if self._original_generate is not None:
+            self.handle.set_attribute("generate", _wrapper(self._original_generate, self._generate))
+        self.handle.on_remove(self._end_session)
+
+    def _end_session(self) -> None:
+        self._session = None
 
     # ------------------------------------------------------------------ the pruned prefill
     def _prepare(self, inputs: dict, for_generate: bool) -> PrunedSequence:
@@ -134,9 +158,7 @@ class PruneHandle:
             inputs["attention_mask"] = self._infer_generate_mask(input_ids)
         encoded = integration.encode(inputs)
         slots = find_image_slots(integration.placeholder_mask(input_ids), encoded.tokens_in)
-        position_ids = inputs.get("position_ids")
-        if position_ids is None and self.positions == "preserve":
-            position_ids = integration.original_position_ids(inputs, for_generate=for_generate)
+        position_ids = integration.position_ids_for(inputs, for_generate, self.positions)
         pad_id = integration.pad_token_id
         sequence = compress(
             input_ids,
@@ -149,13 +171,14 @@ class PruneHandle:
             position_ids=position_ids,
             pad_token_id=pad_id,
             pad_embedding=integration.embed_tokens(torch.tensor([pad_id], device=input_ids.device))[0],
-            extras={"labels": (inputs.get("labels"), -100)},
+            extras={name: (inputs.get(name), fill) for name, fill in integration.token_kwargs.items()},
         )
         for stat, slot in zip(encoded.stats, slots):
             stat.extra["row"] = slot.row
-        self.stats = encoded.stats
-        self.selection_time = encoded.selection_seconds
-        self.last_sequence = sequence
+        self.handle.stats = encoded.stats
+        self.handle.selection_time = encoded.selection_seconds
+        self.handle.last_sequence = sequence
+        integration.after_prefill(sequence, for_generate)
 
         for name in integration.visual_kwargs + integration.encoder_kwargs:
             inputs.pop(name, None)
@@ -164,8 +187,7 @@ class PruneHandle:
         if inputs.get("attention_mask") is not None or not bool(sequence.attention_mask.all()):
             inputs["attention_mask"] = sequence.attention_mask
         inputs["position_ids"] = sequence.position_ids
-        if "labels" in sequence.extras:
-            inputs["labels"] = sequence.extras["labels"]
+        inputs.update(sequence.extras)
         return sequence
 
     def _infer_generate_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -193,8 +215,11 @@ class PruneHandle:
         self._session = None
         if inputs.get("use_cache", True) is not False:
             shift = None
-            if self.positions == "preserve" and user_positions is None:
-                shift = sequence.original_length - sequence.inputs_embeds.shape[1]
+            if user_positions is None and sequence.position_ids is not None:
+                # Decoding continues after the largest position of each row (M-RoPE: over all components).
+                pruned_length = sequence.inputs_embeds.shape[1]
+                rows = sequence.position_ids.reshape(-1, *sequence.position_ids.shape[-2:]).amax(dim=(0, 2))
+                shift = rows + 1 - pruned_length
             self._session = _DecodeSession(
                 original_length=sequence.original_length,
                 pruned_mask=sequence.attention_mask,
@@ -221,8 +246,8 @@ class PruneHandle:
             return
         inputs["attention_mask"] = torch.cat([session.pruned_mask.to(mask.dtype), mask[:, session.original_length :]], dim=1)
         if session.position_shift is not None and inputs.get("position_ids") is None:
-            positions = torch.arange(cached, cached + step, device=new.device) + session.position_shift
-            inputs["position_ids"] = positions.unsqueeze(0).expand(new.shape[0], -1)
+            steps = torch.arange(cached, cached + step, device=new.device)
+            inputs["position_ids"] = steps[None, :] + session.position_shift.to(new.device)[:, None]
 
     # ------------------------------------------------------------------ generate
     def _generate(self, *args, **kwargs):
