@@ -5,3 +5,4 @@ about particular pruners.
 """
 
 from . import llava  # noqa: F401
+from . import qwen_vl  # noqa: F401

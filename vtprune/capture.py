@@ -39,3 +39,26 @@ def capture_layers(
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def capture_calls(layers: Sequence[torch.nn.Module], indices: set[int]) -> Iterator[dict[int, tuple[tuple, dict]]]:
+    """Capture the positional and keyword arguments of ``layers[i]`` for ``i in indices`` (for blocks whose
+    attention needs more than the hidden states: sequence boundaries, rotary embeddings). Hooks are removed on
+    exit, even after an exception."""
+    captured: dict[int, tuple[tuple, dict]] = {}
+    handles = []
+
+    def pre_hook(index):
+        def hook(module, args, kwargs):
+            captured[index] = (args, dict(kwargs))
+
+        return hook
+
+    try:
+        for i in sorted(indices):
+            handles.append(layers[i].register_forward_pre_hook(pre_hook(i), with_kwargs=True))
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()

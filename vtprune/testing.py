@@ -155,3 +155,195 @@ def random_images(count: int, size: tuple[int, int] = (400, 300), seed: int = 0)
         pixels = ((smooth + noise).clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).numpy()
         images.append(Image.fromarray(pixels))
     return images
+
+
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% else %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QWEN_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def tiny_qwen_vl(
+    version: str = "2",
+    seed: int = 0,
+    vision_depth: int = 8,
+    vision_width: int = 32,
+    text_layers: int = 2,
+    text_width: int = 64,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 448 * 448,
+    attn_implementation: str = "sdpa",
+):
+    """A random-weight Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``) with a matching processor, offline.
+
+    Real patch geometry (14-pixel patches, 2x2 merger, temporal patch 2; Qwen2.5-VL: 112-pixel windows, full
+    attention in every fourth block as in the released models), tiny widths. Returns ``(model, processor)``.
+    """
+    from transformers import Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer = byte_level_tokenizer(QWEN_SPECIAL_TOKENS, chat_template=QWEN_CHAT_TEMPLATE, pad_token="<pad>", eos_token="<|im_end|>")
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    heads = 4
+    head_dim = text_width // heads
+    quarter = head_dim // 2 // 4
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=text_width,
+        intermediate_size=2 * text_width,
+        num_hidden_layers=text_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "mrope_section": [head_dim // 2 - 2 * quarter, quarter, quarter], "rope_theta": 10000.0},
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    common = dict(
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if version == "2":
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration as model_class
+
+        vision = dict(depth=vision_depth, embed_dim=vision_width, hidden_size=text_width, num_heads=4, mlp_ratio=2)
+        config = Qwen2VLConfig(text_config=text, vision_config=vision, **common)
+    elif version == "2.5":
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration as model_class
+
+        vision = dict(
+            depth=vision_depth,
+            hidden_size=vision_width,
+            out_hidden_size=text_width,
+            intermediate_size=2 * vision_width,
+            num_heads=4,
+            window_size=112,
+            fullatt_block_indexes=[i for i in range(vision_depth) if i % 4 == 3],
+        )
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common)
+    else:
+        raise ValueError(f"version must be '2' or '2.5', got {version!r}")
+    torch.manual_seed(seed)
+    model = model_class(config)
+    model.set_attn_implementation(attn_implementation)
+    _init_std(model, std=0.2, seed=seed)
+    model.eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
+    processor = Qwen2VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(),
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+    return model, processor
+
+
+# ---------------------------------------------------------------------------------------------- LLaVA-NeXT
+__all__ += ["tiny_llava_next", "TINY_GRID_PINPOINTS"]
+
+TINY_GRID_PINPOINTS = ((336, 672), (672, 336), (672, 672))
+"""Anyres resolutions (height, width) of `tiny_llava_next`: 1x2, 2x1 or 2x2 sub-crops, so tests stay small."""
+
+
+def tiny_llava_next(
+    seed: int = 0,
+    image_size: int = 336,
+    patch_size: int = 14,
+    grid_pinpoints=TINY_GRID_PINPOINTS,
+    vision_layers: int = 6,
+    vision_width: int = 32,
+    text_layers: int = 2,
+    text_width: int = 64,
+    attn_implementation: str = "sdpa",
+    vision_feature_select_strategy: str = "default",
+):
+    """A random-weight `LlavaNextForConditionalGeneration` (anyres) and a matching `LlavaNextProcessor`.
+
+    Real LLaVA-NeXT geometry per crop (CLIP-336/14: a 24 x 24 grid, 576 tokens, CLS dropped), a small list of
+    `grid_pinpoints` so an image has at most 4 sub-crops, tiny widths. The vision-language glue is the real one:
+    base crop first, sub-crops packed into one grid, unpadded to the image's aspect ratio, one ``image_newline``
+    per row. Returns ``(model, processor)``; the model is in eval mode, float32, on the CPU.
+    """
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextProcessor,
+    )
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    pinpoints = [list(p) for p in grid_pinpoints]
+    tokenizer = byte_level_tokenizer(["<image>"], chat_template=LLAVA_CHAT_TEMPLATE)
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    vision_config = CLIPVisionConfig(
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_size=vision_width,
+        intermediate_size=2 * vision_width,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=4,
+        projection_dim=vision_width,
+    )
+    text_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=text_width,
+        intermediate_size=2 * text_width,
+        num_hidden_layers=text_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    config = LlavaNextConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=image_token_id,
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy=vision_feature_select_strategy,
+        image_seq_length=(image_size // patch_size) ** 2,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config)
+    model.set_attn_implementation(attn_implementation)
+    _init_std(model, std=0.2, seed=seed)
+    with torch.no_grad():  # the newline vector is 1-D, so _init_std leaves it at transformers' small default
+        generator = torch.Generator().manual_seed(seed + 1)
+        newline = model.model.image_newline
+        newline.copy_(torch.randn(newline.shape, generator=generator) * 0.2)
+    model.eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=pinpoints,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy=vision_feature_select_strategy,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+        num_additional_image_tokens=1,
+    )
+    return model, processor

@@ -31,6 +31,9 @@ class EncoderInfo:
     """Normalised (non-negative) index of the block whose output feeds the projector."""
     has_cls: bool
     """Whether the encoder has a CLS token (CLIP yes; SigLIP and the Qwen ViTs no)."""
+    middle_layer: int | None = None
+    """A mid-depth block with full attention the family's papers score at (HiPrune's object layer: block 15 of
+    Qwen2.5-VL's 32); None when any block qualifies (methods then scale their paper layer to the depth)."""
 
     def layer(self, index: int) -> int:
         """Normalise a Python-style block index (``-2`` -> ``depth - 2``), with a clear error when out of range."""

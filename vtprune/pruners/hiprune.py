@@ -52,8 +52,10 @@ class HiPrune(Pruner):
         3. Registers: the remaining ``keep - |anchors U buffers|`` tokens by g at the deep layer, over tokens
            not yet chosen; output sorted to raster order (pure selection).
 
-    Defaults: ``alpha=0.1``; ``object_layer=None`` = layer 9 of 24 (1-based), scaled to the encoder depth as
-    ``max(1, round(9 * depth / 24))`` (halves round up) and made 0-based (block 8 on CLIP ViT-L);
+    Defaults: ``alpha=0.1``; ``object_layer=None`` = the encoder's `middle_layer` when the integration names one
+    (Qwen: the paper's layer 16 of 32, scaled to the depth, a full-attention block), else layer 9 of 24 (1-based)
+    scaled to the encoder depth as ``max(1, round(9 * depth / 24))`` (halves round up) and made 0-based (block 8
+    on CLIP ViT-L);
     ``deep_layer=None`` = the feature layer (LLaVA: -2); ``keep=192`` (the paper's LLaVA-1.5 budgets are
     192/128/64). Explicit layers are Python-style 0-based block indices.
 
@@ -83,7 +85,12 @@ class HiPrune(Pruner):
 
     def layers(self, encoder: EncoderInfo) -> tuple[int, int]:
         """Normalised (object, deep) block indices for `encoder`."""
-        obj = default_object_layer(encoder.depth) if self.object_layer is None else encoder.layer(self.object_layer)
+        if self.object_layer is not None:
+            obj = encoder.layer(self.object_layer)
+        elif encoder.middle_layer is not None:  # e.g. Qwen2.5-VL: the paper's block 16 of 32, a full-attention block
+            obj = encoder.middle_layer
+        else:
+            obj = default_object_layer(encoder.depth)
         deep = encoder.feature_layer if self.deep_layer is None else encoder.layer(self.deep_layer)
         return obj, deep
 

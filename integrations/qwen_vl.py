@@ -1,0 +1,229 @@
+"""Qwen2-VL and Qwen2.5-VL (`Qwen2VLForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration`, transformers 5.x).
+
+Hook point: after `visual.merger`. The merger concatenates each 2x2 group of patches (four consecutive tokens
+in the ViT's order) into one LLM token; pruning before it would break that adjacency. Pruners therefore see
+the merged tokens, in raster order of the merged grid: ``features`` and ``embeddings`` are the same LLM-space
+tensor (there is no separate projector), so merging pruners average LLM-space tokens.
+
+Scores: these ViTs have no CLS token, so CLS-based methods use their documented global-attention fallback
+(``cls_fallback="global"``; ``"error"`` refuses). Attention statistics are recomputed at patch level from the
+captured input of the block a pruner reads (q/k with the block's own norm, qkv projection and vision RoPE; one
+softmax per attention segment of that block), averaged over each 2x2 merge group, and for Qwen2.5-VL
+un-permuted from window order to raster order. Keys for similarity (VisionZip) are taken before RoPE, so that
+they compare content rather than position. The default score block is the last one (a full-attention block in
+both models); HiPrune's object layer defaults to the paper's block 16 of 32, scaled to the depth and moved to
+the nearest full-attention block.
+
+Positions: M-RoPE ids of the unpruned sequence are computed as the unpatched model would (``get_rope_index``;
+under `generate` the four-row form generate uses) and the kept tokens keep theirs (``positions="preserve"``,
+the default, as the Qwen ports do). ``positions="compact"`` renumbers the whole pruned sequence contiguously on
+all M-RoPE axes, like text, which discards the 2-D layout of the kept image tokens. Keeping every token is
+bit-exact in preserve mode only.
+
+Not supported: video inputs (``pixel_values_videos``) raise a clear error instead of running unpruned.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from vtprune.capture import capture_calls
+from vtprune.errors import MissingCLSError
+from vtprune.integration import EncodedImages, VLMIntegration, reduce_images, register_integration
+from vtprune.tokens import EncoderInfo
+
+QUERY_CHUNK = 256
+
+
+class QwenAttentionProbe:
+    """`AttentionProbe` for Qwen2-VL / Qwen2.5-VL vision blocks, over the images of one encoder call.
+
+    Args:
+        blocks: ``visual.blocks``.
+        calls: block index -> captured ``(args, kwargs)`` of that block's call.
+        patch_counts: patches per image, in order (images are contiguous in the ViT sequence).
+        group: patches per merged token (``spatial_merge_size ** 2``).
+        raster_order: for Qwen2.5-VL, ``argsort(window_index)``: the window-order position of each merged
+            token in raster order; None for Qwen2-VL (already raster).
+    """
+
+    def __init__(self, blocks, calls: dict, patch_counts: list[int], group: int, raster_order: torch.Tensor | None):
+        self.blocks = blocks
+        self.calls = calls
+        self.group = group
+        self.raster_order = raster_order
+        self.patch_counts = patch_counts
+        bounds = torch.tensor([0] + patch_counts).cumsum(0).tolist()
+        self.patch_ranges = list(zip(bounds[:-1], bounds[1:]))
+        self.group_ranges = [(a // group, b // group) for a, b in self.patch_ranges]
+        self._qk: dict[int, tuple] = {}
+        self._global: dict[int, torch.Tensor] = {}
+        self._keys: dict[int, torch.Tensor] = {}
+
+    def _queries_keys(self, layer: int):
+        if layer not in self._qk:
+            if layer not in self.calls:
+                raise KeyError(f"vision block {layer} was not captured (captured: {sorted(self.calls)})")
+            args, kwargs = self.calls[layer]
+            hidden = args[0] if args else kwargs["hidden_states"]
+            block = self.blocks[layer]
+            attn = block.attn
+            rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
+            with torch.no_grad():
+                x = block.norm1(hidden)
+                length = x.shape[0]
+                q, k, _ = attn.qkv(x).reshape(length, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+                cos, sin = kwargs["position_embeddings"]
+                q_rot, k_rot = rope(q, k, cos, sin)
+            segments = kwargs["cu_seqlens"].tolist()
+            self._qk[layer] = (q_rot.float() * attn.scaling, k_rot.float(), k.float(), segments)
+        return self._qk[layer]
+
+    def _to_raster_groups(self, per_patch: torch.Tensor) -> torch.Tensor:
+        """``[S, ...]`` per patch in the ViT's order -> ``[G, ...]`` per merged token in raster order."""
+        grouped = per_patch.reshape(-1, self.group, *per_patch.shape[1:]).mean(dim=1)
+        return grouped if self.raster_order is None else grouped[self.raster_order.to(grouped.device)]
+
+    def cls_attention(self, layer: int, image: int) -> torch.Tensor:
+        raise MissingCLSError("Qwen vision encoders have no CLS token")
+
+    def global_attention(self, layer: int, image: int) -> torch.Tensor:
+        if layer not in self._global:
+            q, k, _, segments = self._queries_keys(layer)
+            heads = q.shape[1]
+            received = torch.zeros(q.shape[0], dtype=torch.float32, device=q.device)
+            # One softmax per attention segment of this block: whole images in full-attention blocks,
+            # windows in Qwen2.5-VL's windowed blocks, exactly as the block itself attends.
+            for start, end in zip(segments[:-1], segments[1:]):
+                keys = k[start:end].transpose(0, 1)  # [H, n, hd]
+                for chunk in range(start, end, QUERY_CHUNK):
+                    queries = q[chunk : min(chunk + QUERY_CHUNK, end)].transpose(0, 1)
+                    received[start:end] += (queries @ keys.transpose(1, 2)).softmax(dim=-1).sum(dim=(0, 1))
+            for start, end in self.patch_ranges:  # mean over heads and over all query rows of the image
+                received[start:end] /= heads * (end - start)
+            self._global[layer] = self._to_raster_groups(received)
+        start, end = self.group_ranges[image]
+        return self._global[layer][start:end]
+
+    def keys(self, layer: int, image: int) -> torch.Tensor:
+        if layer not in self._keys:
+            _, _, keys, _ = self._queries_keys(layer)
+            self._keys[layer] = self._to_raster_groups(keys.mean(dim=1))
+        start, end = self.group_ranges[image]
+        return self._keys[layer][start:end]
+
+
+@register_integration
+class QwenVLIntegration(VLMIntegration):
+    model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    default_positions = "preserve"
+    visual_kwargs = ("pixel_values", "pixel_values_videos")
+    encoder_kwargs = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+    token_kwargs = {"labels": -100, "mm_token_type_ids": 0}
+
+    @classmethod
+    def matches(cls, model) -> bool:
+        from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+        return isinstance(model, (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration))
+
+    @property
+    def _visual(self):
+        return self.model.model.visual
+
+    @property
+    def _windowed(self) -> bool:
+        return hasattr(self._visual, "fullatt_block_indexes")
+
+    def _full_attention_blocks(self) -> list[int]:
+        depth = len(self._visual.blocks)
+        return sorted(self._visual.fullatt_block_indexes) if self._windowed else list(range(depth))
+
+    def encoder_info(self) -> EncoderInfo:
+        depth = len(self._visual.blocks)
+        target = max(1, round(16 * depth / 32)) - 1  # HiPrune's object layer 16 of 32 (1-based)
+        middle = min(self._full_attention_blocks(), key=lambda block: (abs(block - target), block))
+        return EncoderInfo(depth=depth, feature_layer=depth - 1, has_cls=False, middle_layer=middle)
+
+    def validate(self) -> None:
+        self.pruner.attention_layers(self.encoder_info())  # out-of-range layers fail at apply time
+
+    def install(self, handle) -> None:
+        super().install(handle)
+        inner, saved = self.model.model, self.model.model.rope_deltas
+        handle.on_remove(lambda: setattr(inner, "rope_deltas", saved))
+
+    def encode(self, inputs: dict) -> EncodedImages:
+        if inputs.get("pixel_values_videos") is not None:
+            raise NotImplementedError(
+                "vtprune prunes image tokens only; video inputs (pixel_values_videos) are not supported yet. "
+                "Call handle.remove() to run videos unpruned."
+            )
+        grid = inputs.get("image_grid_thw")
+        if grid is None:
+            raise ValueError("pixel_values need image_grid_thw, as the Qwen processor returns them")
+        if bool((grid[:, 0] != 1).any()):
+            raise NotImplementedError("images with more than one temporal patch are not supported")
+        visual = self._visual
+        merge = visual.spatial_merge_size
+        info = self.encoder_info()
+        with capture_calls(visual.blocks, self.pruner.attention_layers(info)) as calls:
+            merged = visual(inputs["pixel_values"].type(visual.dtype), grid_thw=grid).pooler_output
+        sizes = (grid.prod(-1) // merge**2).tolist()
+        features = list(torch.split(merged, sizes))
+        raster_order = None
+        if self._windowed:
+            from transformers.vision_utils import get_vision_window_index
+
+            window_index, _ = get_vision_window_index(
+                grid, spatial_merge_size=merge, window_size=visual.window_size, patch_size=visual.patch_size
+            )
+            raster_order = torch.argsort(window_index)
+        probe = QwenAttentionProbe(
+            visual.blocks, calls, grid.prod(-1).tolist(), group=merge**2, raster_order=raster_order
+        )
+        return reduce_images(
+            self.pruner,
+            features,
+            [(h // merge, w // merge) for _, h, w in grid.tolist()],
+            info,
+            project=lambda tokens: tokens,
+            probe=probe,
+            projected=lambda: features,
+        )
+
+    def placeholder_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return input_ids == self.model.config.image_token_id
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(input_ids)
+
+    def original_position_ids(self, inputs: dict, for_generate: bool) -> torch.Tensor:
+        if inputs.get("mm_token_type_ids") is None:
+            raise ValueError(
+                "Qwen M-RoPE positions need mm_token_type_ids; pass the processor's full output to the model"
+            )
+        names = ("attention_mask", "mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+        kwargs = {name: inputs[name] for name in names if inputs.get(name) is not None}
+        if for_generate:
+            # The [4, B, L] ids generate itself would start from (text row + three M-RoPE rows).
+            return self.model._prepare_position_ids_for_generation(inputs["input_ids"], kwargs)
+        positions, _ = self.model.model.get_rope_index(inputs["input_ids"], **kwargs)
+        return positions
+
+    def position_ids_for(self, inputs: dict, for_generate: bool, positions: str) -> torch.Tensor | None:
+        # Qwen needs explicit M-RoPE ids in both modes; compress() renumbers them for compact.
+        if inputs.get("position_ids") is not None:
+            return inputs["position_ids"]
+        return self.original_position_ids(inputs, for_generate=for_generate)
+
+    def after_prefill(self, sequence, for_generate: bool) -> None:
+        # The model caches rope_deltas (next position minus attended length) for decoding without explicit
+        # position ids; describe the pruned cache, not the unpruned prompt.
+        if sequence.position_ids is None:
+            return
+        rows = sequence.position_ids.reshape(-1, *sequence.position_ids.shape[-2:]).amax(dim=(0, 2))
+        attended = sequence.attention_mask.sum(dim=1)
+        self.model.model.rope_deltas = (rows + 1 - attended).unsqueeze(1)
