@@ -1,0 +1,95 @@
+"""The experiment entry points: the Hydra app, the harness, the report, and FLOPs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vtprune.flops import prefill_flops
+
+RESULT_FIELDS = {
+    "pruner", "budget", "hparams", "positions", "samples", "accuracy", "accuracy_by_type", "loyalty",
+    "visual_tokens_in", "visual_tokens_out", "prefill_tflops", "flops_convention", "prefill_ms", "end_to_end_ms",
+    "peak_memory_mb", "selection_ms_per_image", "timing", "predictions", "unpruned", "model", "benchmark", "config",
+}
+RUN = ["run.batch_size=2", "run.timing_repeats=1", "run.warmup=0", "run.max_new_tokens=2"]
+FAST = ["benchmark.size=2", *RUN]
+
+
+def vtprune_cli(args, cwd):
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, "-m", "vtprune", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_flops_match_the_published_convention():
+    # Reference 0.6: LLaVA-1.5-7B, ~60 text tokens: 576 -> 3.31 T, 192 -> 1.29, 128 -> 0.96, 64 -> 0.63.
+    for visual, expected in ((576, 3.31), (192, 1.29), (128, 0.96), (64, 0.63)):
+        assert prefill_flops(visual + 60, 4096, 11008, 32) / 1e12 == pytest.approx(expected, abs=0.006)
+
+
+def test_multirun_sweep_and_report(tmp_path):
+    done = vtprune_cli(["-m", "pruner=fastervlm,divprune", "pruner.keep=64,128", "hydra.sweep.dir=sweep", *FAST], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    files = sorted((tmp_path / "sweep").rglob("results.json"))
+    assert len(files) == 4
+    seen = set()
+    for path in files:
+        result = json.loads(path.read_text())
+        assert RESULT_FIELDS <= set(result), RESULT_FIELDS - set(result)
+        assert result["visual_tokens_out"] == {"mean": result["config"]["pruner"]["keep"], "min": result["config"]["pruner"]["keep"], "max": result["config"]["pruner"]["keep"]}
+        assert result["visual_tokens_in"]["mean"] == 576 and result["samples"] == 2
+        assert 0 <= result["accuracy"] <= 1 and 0 <= result["loyalty"] <= 1
+        assert result["prefill_ms"] > 0 and result["end_to_end_ms"] > 0 and result["peak_memory_mb"] > 0
+        assert result["prefill_tflops"] < result["unpruned"]["prefill_tflops"]
+        seen.add((result["pruner"], result["budget"]))
+    assert seen == {("fastervlm", "keep=64"), ("fastervlm", "keep=128"), ("divprune", "keep=64"), ("divprune", "keep=128")}
+
+    from vtprune.report import main as report
+
+    path = report([str(tmp_path / "sweep"), "--out", str(tmp_path / "report")])
+    text = path.read_text()
+    assert "| pruner | budget | visual tokens | accuracy" in text
+    assert text.count("| fastervlm |") == 2 and text.count("| divprune |") == 2 and "| none |" in text
+    for image in ("accuracy.png", "latency.png"):
+        assert (tmp_path / "report" / image).stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["pruner=fastervlm", "pruner.name=nope"], "unknown pruner 'nope'; registered pruners: divprune, fastervlm"),
+        (["pruner=fastervlm", "pruner.keep=-5"], "keep must be a positive integer"),
+        (["benchmark=folder", "benchmark.path=/no/such/folder"], "benchmark folder '/no/such/folder' does not exist"),
+        (["pruner=random"], "has no default budget"),
+    ],
+)
+def test_bad_config_values_fail_clearly(tmp_path, overrides, message):
+    done = vtprune_cli([*overrides, *(RUN if "benchmark=folder" in overrides else FAST)], tmp_path)
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_keep_all_answers_exactly_like_the_unpruned_model(llava):
+    from vtprune.eval.synthetic import generate
+    from vtprune.harness import evaluate
+
+    model, processor = llava
+    records = generate(4, seed=5)
+    result = evaluate(model, processor, records, "fastervlm", keep=576, batch_size=2, max_new_tokens=3, timing_repeats=1, warmup=0)
+    assert result["loyalty"] == 1.0
+    assert result["accuracy"] == result["unpruned"]["accuracy"]
+    from vtprune.eval.synthetic import is_correct
+
+    assert all(p["correct"] == is_correct(p["prediction"], p["answer"]) for p in result["predictions"])
+    assert result["visual_tokens_out"]["mean"] == 576
+
+
+def test_report_rejects_an_empty_folder(tmp_path):
+    from vtprune.report import main as report
+
+    with pytest.raises(SystemExit):
+        report([str(tmp_path)])
