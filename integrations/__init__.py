@@ -6,3 +6,4 @@ about particular pruners.
 
 from . import llava  # noqa: F401
 from . import qwen_vl  # noqa: F401
+from . import timm_vit  # noqa: F401
