@@ -5,5 +5,6 @@ about particular pruners.
 """
 
 from . import llava  # noqa: F401
+from . import llava_next  # noqa: F401
 from . import qwen_vl  # noqa: F401
 from . import timm_vit  # noqa: F401
