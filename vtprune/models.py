@@ -10,6 +10,7 @@ from .errors import ConfigError
 
 TINY_BUILDERS = {
     "llava": lambda seed: __import__("vtprune.testing", fromlist=["tiny_llava"]).tiny_llava(seed=seed),
+    "llava_next": lambda seed: __import__("vtprune.testing", fromlist=["tiny_llava_next"]).tiny_llava_next(seed=seed),
     "qwen2_vl": lambda seed: __import__("vtprune.testing", fromlist=["tiny_qwen_vl"]).tiny_qwen_vl("2", seed=seed),
     "qwen2_5_vl": lambda seed: __import__("vtprune.testing", fromlist=["tiny_qwen_vl"]).tiny_qwen_vl("2.5", seed=seed),
 }
