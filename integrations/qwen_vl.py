@@ -29,13 +29,11 @@ import sys
 
 import torch
 
+from vtprune.attention import received_attention
 from vtprune.capture import capture_calls
 from vtprune.errors import MissingCLSError
 from vtprune.integration import EncodedImages, VLMIntegration, reduce_images, register_integration
 from vtprune.tokens import EncoderInfo
-
-QUERY_CHUNK = 256
-
 
 class QwenAttentionProbe:
     """`AttentionProbe` for Qwen2-VL / Qwen2.5-VL vision blocks, over the images of one encoder call.
@@ -97,10 +95,7 @@ class QwenAttentionProbe:
             # One softmax per attention segment of this block: whole images in full-attention blocks,
             # windows in Qwen2.5-VL's windowed blocks, exactly as the block itself attends.
             for start, end in zip(segments[:-1], segments[1:]):
-                keys = k[start:end].transpose(0, 1)  # [H, n, hd]
-                for chunk in range(start, end, QUERY_CHUNK):
-                    queries = q[chunk : min(chunk + QUERY_CHUNK, end)].transpose(0, 1)
-                    received[start:end] += (queries @ keys.transpose(1, 2)).softmax(dim=-1).sum(dim=(0, 1))
+                received[start:end] = received_attention(q[start:end].transpose(0, 1), k[start:end].transpose(0, 1))
             for start, end in self.patch_ranges:  # mean over heads and over all query rows of the image
                 received[start:end] /= heads * (end - start)
             self._global[layer] = self._to_raster_groups(received)

@@ -39,11 +39,10 @@ from typing import Any, ClassVar
 
 import torch
 
+from vtprune.attention import QKAttentionProbe, captured
 from vtprune.errors import ConfigError, UnsupportedModelError
 from vtprune.integration import Integration, reduce_images, register_integration
 from vtprune.tokens import EncoderInfo, normalize_layer
-
-QUERY_CHUNK = 256
 
 
 def _vit_class():
@@ -84,7 +83,7 @@ def _empty_with_layout_of(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tens
     return empty.permute([dims.index(d) for d in range(x.ndim)])
 
 
-class TimmAttentionProbe:
+class TimmAttentionProbe(QKAttentionProbe):
     """`AttentionProbe` for timm ViT blocks, from captured block inputs (no attention map is ever stored).
 
     Recomputes timm's eager attention of block ``l``: ``qkv(norm1(x))`` split into heads, ``q_norm`` /
@@ -100,59 +99,21 @@ class TimmAttentionProbe:
     """
 
     def __init__(self, blocks, block_inputs: dict[int, torch.Tensor], num_prefix_tokens: int) -> None:
+        super().__init__(visual=slice(num_prefix_tokens, None))
         self.blocks = blocks
         self.block_inputs = block_inputs
-        self.visual = slice(num_prefix_tokens, None)
-        self._qk: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._cls: dict[int, torch.Tensor] = {}
-        self._global: dict[tuple[int, int], torch.Tensor] = {}
 
-    def _queries_keys(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scaled queries and keys of every image, ``[B, H, S, hd]`` each, float32."""
-        if layer not in self._qk:
-            if layer not in self.block_inputs:
-                raise KeyError(
-                    f"block {layer} was not captured; the pruner must list it in attention_layers() "
-                    f"(captured: {sorted(self.block_inputs)})"
-                )
-            block = self.blocks[layer]
-            attn = block.attn
-            pre = _attention_input(block)
-            if pre is None:
-                raise UnsupportedModelError(f"cannot recompute the attention of {type(block).__name__} block {layer}")
-            with torch.no_grad():
-                x = pre(self.block_inputs[layer])
-                images, length, _ = x.shape
-                qkv = attn.qkv(x).reshape(images, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-                q, k, _ = qkv.unbind(0)
-                q, k = attn.q_norm(q).float(), attn.k_norm(k).float()
-                q = q * attn.scale
-            self._qk[layer] = (q, k)
-        return self._qk[layer]
-
-    def cls_attention(self, layer: int, image: int) -> torch.Tensor:
-        if layer not in self._cls:
-            q, k = self._queries_keys(layer)
-            logits = q[:, :, :1] @ k.transpose(-2, -1)  # [B, H, 1, S]
-            self._cls[layer] = logits.softmax(dim=-1)[:, :, 0, self.visual]
-        return self._cls[layer][image]
-
-    def global_attention(self, layer: int, image: int) -> torch.Tensor:
-        key = (layer, image)
-        if key not in self._global:
-            q, k = self._queries_keys(layer)
-            q, k = q[image], k[image]  # [H, S, hd]
-            heads, length, _ = q.shape
-            received = torch.zeros(length, dtype=torch.float32, device=q.device)
-            for start in range(0, length, QUERY_CHUNK):
-                probs = (q[:, start : start + QUERY_CHUNK] @ k.transpose(-2, -1)).softmax(dim=-1)
-                received += probs.sum(dim=(0, 1))
-            self._global[key] = (received / (heads * length))[self.visual]
-        return self._global[key]
-
-    def keys(self, layer: int, image: int) -> torch.Tensor:
-        _, k = self._queries_keys(layer)
-        return k[image].mean(dim=0)[self.visual]
+    def _compute_qk(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        block = self.blocks[layer]
+        attn = block.attn
+        pre = _attention_input(block)
+        if pre is None:
+            raise UnsupportedModelError(f"cannot recompute the attention of {type(block).__name__} block {layer}")
+        x = pre(captured(self.block_inputs, layer))
+        images, length, _ = x.shape
+        qkv = attn.qkv(x).reshape(images, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, _ = qkv.unbind(0)
+        return attn.q_norm(q).float() * attn.scale, attn.k_norm(k).float()
 
 
 @register_integration

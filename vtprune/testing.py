@@ -64,32 +64,11 @@ def _init_std(model: torch.nn.Module, std: float, seed: int) -> None:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1 * std)
 
 
-def tiny_llava(
-    seed: int = 0,
-    image_size: int = 336,
-    patch_size: int = 14,
-    vision_layers: int = 8,
-    vision_width: int = 32,
-    text_layers: int = 2,
-    text_width: int = 64,
-    attn_implementation: str = "sdpa",
-    vision_feature_select_strategy: str = "default",
-):
-    """A random-weight `LlavaForConditionalGeneration` with LLaVA-1.5 geometry and a matching `LlavaProcessor`.
-
-    Returns ``(model, processor)``; the model is in eval mode, float32, on the CPU.
-    """
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+def _llava_parts(image_size, patch_size, vision_layers, vision_width, text_layers, text_width, max_positions):
+    """Tokenizer, CLIP vision config and Llama text config shared by the tiny LLaVA-1.5 and LLaVA-NeXT."""
+    from transformers import CLIPVisionConfig, LlamaConfig
 
     tokenizer = byte_level_tokenizer(["<image>"], chat_template=LLAVA_CHAT_TEMPLATE)
-    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     vision_config = CLIPVisionConfig(
         image_size=image_size,
         patch_size=patch_size,
@@ -106,11 +85,36 @@ def tiny_llava(
         num_hidden_layers=text_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=4096,
+        max_position_embeddings=max_positions,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
     )
+    return tokenizer, vision_config, text_config
+
+
+def tiny_llava(
+    seed: int = 0,
+    image_size: int = 336,
+    patch_size: int = 14,
+    vision_layers: int = 8,
+    vision_width: int = 32,
+    text_layers: int = 2,
+    text_width: int = 64,
+    attn_implementation: str = "sdpa",
+    vision_feature_select_strategy: str = "default",
+):
+    """A random-weight `LlavaForConditionalGeneration` with LLaVA-1.5 geometry and a matching `LlavaProcessor`.
+
+    Returns ``(model, processor)``; the model is in eval mode, float32, on the CPU.
+    """
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    tokenizer, vision_config, text_config = _llava_parts(
+        image_size, patch_size, vision_layers, vision_width, text_layers, text_width, max_positions=4096
+    )
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     config = LlavaConfig(
         vision_config=vision_config,
         text_config=text_config,
@@ -278,39 +282,14 @@ def tiny_llava_next(
     base crop first, sub-crops packed into one grid, unpadded to the image's aspect ratio, one ``image_newline``
     per row. Returns ``(model, processor)``; the model is in eval mode, float32, on the CPU.
     """
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        LlavaNextProcessor,
-    )
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
     pinpoints = [list(p) for p in grid_pinpoints]
-    tokenizer = byte_level_tokenizer(["<image>"], chat_template=LLAVA_CHAT_TEMPLATE)
+    tokenizer, vision_config, text_config = _llava_parts(
+        image_size, patch_size, vision_layers, vision_width, text_layers, text_width, max_positions=8192
+    )
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    vision_config = CLIPVisionConfig(
-        image_size=image_size,
-        patch_size=patch_size,
-        hidden_size=vision_width,
-        intermediate_size=2 * vision_width,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=4,
-        projection_dim=vision_width,
-    )
-    text_config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=text_width,
-        intermediate_size=2 * text_width,
-        num_hidden_layers=text_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=8192,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
     config = LlavaNextConfig(
         vision_config=vision_config,
         text_config=text_config,
