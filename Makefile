@@ -1,5 +1,6 @@
 # Newcomer commands: `make demo` runs the main job, `make test` runs the test suite.
-# Both create .venv and install the package with plain pip from pyproject.toml on first use.
+# Both create .venv and install the package with plain pip from pyproject.toml on first use; the tests need the
+# `lmms` extra (lmms-eval, ~2.4 GB) for the end-to-end lmms-eval plugin run.
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
@@ -9,7 +10,7 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,lmms]"
 	touch $@
 
 install: $(VENV)/.installed

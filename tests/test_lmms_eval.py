@@ -1,0 +1,274 @@
+"""The lmms-eval plugin (`vtprune.lmms_eval_plugin`): argument parsing, registration, and end-to-end CLI runs.
+
+The CLI runs are fully offline: tiny random-weight models saved with `save_pretrained`, the synthetic benchmark
+exported to a local parquet file, a task folder passed with ``--include_path``. They check that lmms-eval writes
+its results and that the visual-token statistics logged into them match the budget for every image.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vtprune import ConfigError
+from vtprune.lmms_eval_plugin import MODELS, PruneSettings, pop_vtprune_args
+
+RECORDS = 12
+TASK = "vtprune_synthetic_e2e"
+
+TASK_YAML = """\
+task: {task}
+dataset_path: parquet
+dataset_kwargs:
+  data_files:
+    test: {parquet}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.doc_to_text
+doc_to_target: answer
+process_results: !function utils.process_results
+generation_kwargs:
+  max_new_tokens: 4
+  temperature: 0
+  until: ["\\n\\n"]
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
+
+TASK_UTILS = '''\
+import io
+
+from PIL import Image
+
+from vtprune.eval.synthetic import is_correct
+from vtprune.harness import ANSWER_HINT
+
+
+def doc_to_visual(doc):
+    image = doc["image"]
+    if isinstance(image, dict):  # parquet without datasets' Image feature: {"bytes", "path"}
+        image = Image.open(io.BytesIO(image["bytes"]))
+    return [image.convert("RGB")]
+
+
+def doc_to_text(doc):
+    return f"{doc['question']} {ANSWER_HINT}"
+
+
+def process_results(doc, results):
+    return {"exact_match": float(is_correct(results[0], doc["answer"]))}
+'''
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+def test_pop_vtprune_args_strips_and_types_values():
+    # What lmms-eval's simple_parse_args_string makes of "pruner=visionzip,keep=64,pruner_contextual=10,..."
+    kwargs = {
+        "pretrained": "llava-hf/llava-1.5-7b-hf",
+        "device_map": "auto",
+        "pruner": "visionzip",
+        "keep": 64,
+        "positions": "compact",
+        "pruner_contextual": 10,
+        "pruner_layer": -2.0,
+        "pruner_cls_fallback": "error",
+    }
+    settings = pop_vtprune_args(kwargs)
+    assert kwargs == {"pretrained": "llava-hf/llava-1.5-7b-hf", "device_map": "auto"}
+    assert settings == PruneSettings("visionzip", keep=64, positions="compact", options={"contextual": 10, "layer": -2, "cls_fallback": "error"})
+    assert isinstance(settings.options["layer"], int)
+
+    kwargs = {"pretrained": "x", "pruner": "fastervlm", "ratio": "0.25", "keep": "none"}
+    settings = pop_vtprune_args(kwargs)
+    assert (settings.pruner, settings.keep, settings.ratio) == ("fastervlm", None, 0.25)
+    assert kwargs == {"pretrained": "x"}
+
+    for unpruned in ({}, {"pruner": "none"}, {"pruner": None}):
+        settings = pop_vtprune_args(dict(unpruned))
+        assert not settings.enabled and settings.describe() == "unpruned"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"pruner": "nosuch"}, "unknown pruner 'nosuch'"),
+        ({"pruner": "fastervlm", "keep": "abc"}, "keep must be a whole number"),
+        ({"pruner": "fastervlm", "keep": 64.5}, "keep must be a whole number"),
+        ({"pruner": "fastervlm", "keep": 64, "ratio": 0.5}, "not both"),
+        ({"pruner": "fastervlm", "ratio": 1.5}, "ratio must be in (0, 1]"),
+        ({"pruner": "hiprune", "keep": 64, "pruner_alpha": 3}, "alpha"),
+        ({"pruner": "fastervlm", "positions": "sideways"}, "positions must be one of"),
+        ({"keep": 64}, "without a pruner"),
+        ({"pruner_contextual": 10}, "without a pruner"),
+        ({"pruner": "random", "pruner_": 1, "keep": 8}, "needs a name"),
+    ],
+)
+def test_pop_vtprune_args_errors_before_any_model_is_loaded(kwargs, message):
+    with pytest.raises(ConfigError) as error:
+        pop_vtprune_args(dict(kwargs))
+    assert message in str(error.value)
+
+
+def test_plugin_import_needs_no_lmms_eval():
+    code = "import sys, vtprune.lmms_eval_plugin as p; p.manifests; assert not [m for m in sys.modules if m.startswith('lmms_eval')]"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# ---------------------------------------------------------------------------------------------- registration
+def test_entry_point_registers_the_models():
+    pytest.importorskip("lmms_eval")
+    from importlib.metadata import entry_points
+
+    from lmms_eval.models.registry_v2 import ModelManifest, ModelRegistryV2
+
+    points = [ep for ep in entry_points().select(group="lmms_eval.models") if ep.name == "vtprune"]
+    assert points, "entry point missing: reinstall vtprune (pip install -e .) after editing pyproject.toml"
+    assert points[0].value == "vtprune.lmms_eval_plugin:manifests"
+    registry = ModelRegistryV2()
+    registry.load_entrypoint_manifests()
+    for model_id, (simple, chat) in MODELS.items():
+        manifest = registry.get_manifest(model_id)
+        assert isinstance(manifest, ModelManifest)
+        assert manifest.simple_class_path == f"vtprune.lmms_eval_plugin.{simple}"
+        assert manifest.chat_class_path == (f"vtprune.lmms_eval_plugin.{chat}" if chat else None)
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    pytest.importorskip("lmms_eval")
+    pytest.importorskip("pyarrow")
+    from transformers import AutoProcessor
+    from vtprune.eval.synthetic import generate, to_parquet
+
+    from vtprune.testing import tiny_llava, tiny_qwen_vl
+
+    root = tmp_path_factory.mktemp("lmms_eval")
+    models = {}
+    for name, build in (("llava", tiny_llava), ("qwen2_vl", lambda: tiny_qwen_vl("2"))):
+        model, processor = build()
+        folder = root / name
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        reloaded = AutoProcessor.from_pretrained(folder)  # the chat template must survive the round trip
+        prompt = reloaded.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}], add_generation_prompt=True
+        )
+        assert prompt == processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}], add_generation_prompt=True
+        )
+        models[name] = folder
+
+    tasks = root / "tasks"
+    tasks.mkdir()
+    parquet = to_parquet(generate(RECORDS, seed=0), root / "synthetic.parquet")
+    (tasks / f"{TASK}.yaml").write_text(TASK_YAML.format(task=TASK, parquet=parquet.resolve()))
+    (tasks / "utils.py").write_text(TASK_UTILS)
+    return root, models, tasks
+
+
+def run_lmms_eval(workspace, name: str, model: str, model_args: str, *extra: str) -> tuple[dict, list[dict], str]:
+    root, _, tasks = workspace
+    output = root / f"out_{name}"
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        WANDB_MODE="disabled",
+        HF_DATASETS_CACHE=str(root / "datasets_cache"),
+        TOKENIZERS_PARALLELISM="false",
+    )
+    command = [
+        sys.executable, "-m", "lmms_eval",
+        "--model", model,
+        "--model_args", model_args,
+        "--tasks", TASK,
+        "--include_path", str(tasks),
+        "--device", "cpu",
+        "--output_path", str(output),
+        "--log_samples",
+        *extra,
+    ]  # fmt: skip
+    run = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300, check=False)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-6000:]
+    # lmms-eval's CLI prints the traceback and exits 0 when the evaluation fails: the files are the proof.
+    results_files = glob.glob(str(output / "**" / "*_results.json"), recursive=True)
+    assert len(results_files) == 1, log[-6000:]
+    samples_files = glob.glob(str(output / "**" / f"*_samples_{TASK}.jsonl"), recursive=True)
+    assert len(samples_files) == 1, log[-6000:]
+    results = json.loads(Path(results_files[0]).read_text())
+    samples = [json.loads(line) for line in Path(samples_files[0]).read_text().splitlines() if line.strip()]
+    return results, samples, log
+
+
+def check_summary(results: dict, images: int, tokens_in: int, tokens_out: int) -> None:
+    """The visual-token summary lmms-eval writes into *_results.json (its "throughput" section, keys avg_*)."""
+    summary = results["throughput"]
+    assert summary["avg_vtprune_images"] == images
+    assert summary["avg_vtprune_visual_tokens_in"] == tokens_in
+    assert summary["avg_vtprune_visual_tokens_in_min"] == summary["avg_vtprune_visual_tokens_in_max"] == tokens_in
+    assert summary["avg_vtprune_visual_tokens_out"] == tokens_out
+    assert summary["avg_vtprune_visual_tokens_out_min"] == summary["avg_vtprune_visual_tokens_out_max"] == tokens_out
+    assert summary["avg_vtprune_selection_ms_per_image"] >= 0
+
+
+def test_cli_llava_fastervlm_batched(workspace):
+    """The issue's command shape, offline: --model vtprune_llava_hf (chat class), keep=64, --batch_size 4."""
+    _, models, _ = workspace
+    results, samples, log = run_lmms_eval(
+        workspace, "llava", "vtprune_llava_hf", f"pretrained={models['llava']},pruner=fastervlm,keep=64", "--batch_size", "4"
+    )
+    assert "VTPruneLlavaHfChat" in results["config"]["model_backend"]
+    assert 0.0 <= results["results"][TASK]["exact_match,none"] <= 1.0
+    assert results["n-samples"][TASK]["effective"] == RECORDS
+    check_summary(results, images=RECORDS, tokens_in=576, tokens_out=64)
+
+    # Per sample: the visual tokens of every image, and the prompt the LLM really prefilled.
+    assert sorted(s["doc_id"] for s in samples) == list(range(RECORDS))
+    for sample in samples:
+        (counts,) = sample["token_counts"]
+        assert counts["visual_tokens_in"] == [576] and counts["visual_tokens_out"] == [64]
+        assert 64 < counts["input_tokens"] < 576  # 64 visual tokens + the text, not 576 + the text
+        assert 0 <= counts["output_tokens"] <= 4
+    assert results["efficiency"]["overall"]["total_input_tokens"] == sum(s["token_counts"][0]["input_tokens"] for s in samples)
+    assert "vtprune (fastervlm keep=64): 12 images" in log
+
+
+def test_cli_llava_unpruned_simple_class(workspace):
+    """pruner omitted: the model runs unpatched through the same (simple, batched) code and logs 576 per image."""
+    _, models, _ = workspace
+    results, samples, _ = run_lmms_eval(
+        workspace, "llava_none", "vtprune_llava_hf", f"pretrained={models['llava']}", "--batch_size", "3", "--limit", "6", "--force_simple"
+    )
+    assert "VTPruneLlavaHf (simple)" in results["config"]["model_backend"]
+    check_summary(results, images=6, tokens_in=576, tokens_out=576)
+    assert len(samples) == 6
+    assert all(s["token_counts"][0]["visual_tokens_out"] == [576] for s in samples)
+    assert all(s["token_counts"][0]["input_tokens"] > 576 for s in samples)
+
+
+def test_cli_qwen2_vl_batched(workspace):
+    """lmms-eval's own batched Qwen2-VL loop with vtprune patched in: 336 px -> 12 x 12 merged tokens = 144."""
+    _, models, _ = workspace
+    results, samples, _ = run_lmms_eval(
+        workspace,
+        "qwen2_vl",
+        "vtprune_qwen2_vl",
+        f"pretrained={models['qwen2_vl']},device_map=cpu,pruner=divprune,keep=16",
+        "--batch_size", "4",
+        "--limit", "8",
+    )  # fmt: skip
+    assert "VTPruneQwen2VL" in results["config"]["model_backend"]
+    assert len(samples) == 8 and "exact_match,none" in results["results"][TASK]
+    check_summary(results, images=8, tokens_in=144, tokens_out=16)
