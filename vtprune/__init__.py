@@ -20,6 +20,7 @@ from .errors import (
     VTPruneError,
 )
 from .integration import Integration, VLMIntegration, register_integration, supported_model_classes
+from .overlay import visualize
 from .patching import PruneHandle
 from .pruners.base import Pruner
 from .registry import create_pruner, list_pruners, register_pruner
@@ -52,4 +53,5 @@ __all__ = [
     "register_pruner",
     "remove",
     "supported_model_classes",
+    "visualize",
 ]
