@@ -1,0 +1,117 @@
+"""The speed benchmark (eval/speed.py) runs end to end on tiny settings and writes complete, valid results.
+
+Nothing here checks a timing against a threshold: speed targets are measured by the benchmark, never by a test.
+"""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+import vtprune
+
+SPEED = Path(__file__).resolve().parents[1] / "eval" / "speed.py"
+
+
+@pytest.fixture(scope="module")
+def speed():
+    spec = importlib.util.spec_from_file_location("vtprune_eval_speed", SPEED)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def run(speed, tmp_path_factory):
+    out = tmp_path_factory.mktemp("speed")
+    argv = ["--tiny", "--repeats", "1", "--threads", "1", "--scaling-n", "576", "1152", "--quiet", "--out", str(out)]
+    result = speed.main(argv)
+    return result, out
+
+
+# Fields that are times or sizes: finite and > 0. (Differences such as vtprune_overhead_ms may be negative by
+# noise, and peak memory may be None where the profiler gives nothing; those are checked separately.)
+POSITIVE = (
+    "selection_ms", "pruned_prefill_ms", "oracle_prefill_ms", "unpruned_prefill_ms", "pruned_layers_ms",
+    "oracle_layers_ms", "unpruned_layers_ms", "pruned_full_ms", "oracle_full_ms", "unpruned_full_ms",
+    "selection_pct_of_pruned_full", "pruned_over_oracle", "pruned_over_oracle_full", "speedup_full",
+    "vision_encoder_ms", "attention_map_mb", "pruned_tflops", "unpruned_tflops", "flops_ratio",
+)
+
+
+def finite(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def test_writes_json_table(run):
+    result, out = run
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["rows"] == json.loads(json.dumps(result["rows"], default=str))
+    assert (out / "table.md").read_text().count("| ok |") == len(result["rows"])
+    assert result["outputs"]["plot"] or result["outputs"]["plot_note"]
+    env = on_disk["environment"]
+    assert env["threads"] == 1 and env["device"] == "cpu" and env["torch"] and env["cpu"]
+    assert on_disk["flops_check"]["ok"]
+
+
+def test_every_pruner_and_budget_has_every_field(run, speed):
+    result, _ = run
+    expected = {(family, name, keep) for family in ("llava-1.5-7b", "qwen2-vl-2b")
+                for name in vtprune.list_pruners() for keep in (192, 128, 64)}
+    assert {(r["family"], r["pruner"], r["keep"]) for r in result["rows"]} == expected
+    for row in result["rows"]:
+        missing = [f for f in speed.ROW_FIELDS if f not in row]
+        assert not missing, (row["pruner"], missing)
+        for key in POSITIVE:
+            assert finite(row[key]) and row[key] > 0, (row["family"], row["pruner"], row["keep"], key, row[key])
+        for key in ("pruned_peak_mb", "unpruned_peak_mb", "selection_peak_mb"):
+            assert row[key] is None or (finite(row[key]) and row[key] >= 0)
+        assert finite(row["vtprune_overhead_ms"])
+        assert row["tokens_out"] == row["keep"] and row["tokens_in"] in (576, 256)
+        assert row["seq_len_pruned"] == row["seq_len_unpruned"] - row["tokens_in"] + row["keep"]
+        assert row["pruned_tflops"] < row["unpruned_tflops"]
+        assert set(row["targets"]) == {"selection_le_3pct", "pruned_le_1.03_oracle", "peak_pruned_le_unpruned", "no_attention_map"}
+
+
+def test_oracle_ran_the_pruned_sequence(run):
+    result, _ = run
+    for row in result["rows"]:
+        detail = row["identity_detail"]
+        assert row["identity_check"] is True, (row["family"], row["pruner"], row["keep"], detail)
+        assert detail["llm_inputs_equal"] and detail["text_match"] and detail["visual_count_match"]
+        if row["pruner"] in ("random", "fastervlm", "divprune", "hiprune"):  # pure selection
+            assert detail["kept_visual_match"] is True
+        if row["pruner"] in ("visionzip", "pool"):  # merging: representatives only
+            assert detail["kept_visual_match"] is None
+    assert result["targets"]["identity_check_all_rows"] is True
+
+
+def test_statistics_recorded(run):
+    result, _ = run
+    uses = {(r["family"], r["pruner"]): r["uses"] for r in result["rows"]}
+    assert uses[("llava-1.5-7b", "fastervlm")] == ["cls_attention"]
+    assert uses[("llava-1.5-7b", "random")] == []
+    assert uses[("qwen2-vl-2b", "fastervlm")] == ["global_attention"]  # no CLS: the global fallback
+
+
+def test_scaling_section(run, speed):
+    result, _ = run
+    scaling = result["scaling"]
+    assert scaling["ns"] == [576, 1152]
+    assert {(r["pruner"], r["n"]) for r in scaling["rows"]} == {(p, n) for p in vtprune.list_pruners() for n in (576, 1152)}
+    for row in scaling["rows"]:
+        assert all(f in row for f in speed.SCALING_FIELDS)
+        assert finite(row["selection_ms"]) and row["selection_ms"] > 0 and finite(row["algorithm_ms"])
+    assert [p["keep"] for p in scaling["per_n"]] == [64, 128]
+    for name in vtprune.list_pruners():
+        assert finite(scaling["growth"][name]["selection_exponent"])
+
+
+def test_helpers(speed):
+    assert abs(speed.prefill_flops(576 + 60, 4096, 11008, 32) / 1e12 - 3.31) < 0.01
+    assert speed.near_square_grid(576) == (24, 24) and speed.near_square_grid(5000) == (50, 100)
+    assert speed.scaling_keep(2880, (48, 60)) == 320
+    assert speed.scaling_keep(5000, (50, 100)) == 555  # 556 = 4 x 139 cannot be pooled on 50 x 100
+    assert speed.full_depth(10.0, 20.0, 2, 32) == 330.0
