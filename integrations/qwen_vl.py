@@ -72,7 +72,11 @@ class QwenAttentionProbe:
             with torch.no_grad():
                 x = block.norm1(hidden)
                 length = x.shape[0]
-                q, k, _ = attn.qkv(x).reshape(length, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+                # Only the q and k rows of the fused projection: v would be a third of the work, unused.
+                rows = 2 * attn.qkv.out_features // 3
+                bias = None if attn.qkv.bias is None else attn.qkv.bias[:rows]
+                qk = torch.nn.functional.linear(x, attn.qkv.weight[:rows], bias)
+                q, k = qk.reshape(length, 2, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
                 cos, sin = kwargs["position_embeddings"]
                 q_rot, k_rot = rope(q, k, cos, sin)
             segments = kwargs["cu_seqlens"].tolist()

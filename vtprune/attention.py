@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-QUERY_CHUNK = 256
+QUERY_CHUNK = 64  # measured: halves the selection peak of global attention vs 256 and is faster on CPU
 
 
 def received_attention(queries: torch.Tensor, keys: torch.Tensor, chunk: int = QUERY_CHUNK) -> torch.Tensor:

@@ -21,7 +21,7 @@ def pairwise_distance(x: torch.Tensor, distance: str = "cosine") -> torch.Tensor
     x = x.float()
     if distance == "cosine":
         x = torch.nn.functional.normalize(x, dim=-1)
-        return 1.0 - x @ x.T
+        return (x @ x.T).neg_().add_(1.0)  # in place: one N x N matrix, not two
     if distance == "l1":
         return torch.cdist(x, x, p=1.0)
     if distance == "l2":
@@ -31,9 +31,13 @@ def pairwise_distance(x: torch.Tensor, distance: str = "cosine") -> torch.Tensor
 
 def _first_pick(dist: torch.Tensor) -> torch.Tensor:
     # The token whose nearest neighbour is farthest; the diagonal (distance to itself) must not count.
-    off_diagonal = dist.clone()
-    off_diagonal.fill_diagonal_(float("inf"))
-    return torch.argmax(off_diagonal.min(dim=0).values)
+    # The diagonal is masked in place and restored, rather than cloning the N x N matrix.
+    diagonal = dist.diagonal().clone()
+    dist.fill_diagonal_(float("inf"))
+    try:
+        return torch.argmax(dist.min(dim=0).values)
+    finally:
+        dist.diagonal().copy_(diagonal)
 
 
 def greedy_max_min(dist: torch.Tensor, k: int) -> torch.Tensor:
