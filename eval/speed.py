@@ -485,10 +485,14 @@ class LlavaCase(Case):
 
 
 class QwenRunCache:
-    """The cached ViT pass: captured block calls, merged tokens, and the image grid."""
+    """The cached ViT pass (`QwenVLIntegration.run_encoder`)."""
 
-    def __init__(self, calls: dict, merged: torch.Tensor, grid: torch.Tensor) -> None:
-        self.calls, self.merged, self.grid = calls, merged, grid
+    def __init__(self, run) -> None:
+        self.run = run
+
+    @property
+    def merged(self) -> torch.Tensor:
+        return self.run.merged
 
 
 class QwenCase(Case):
@@ -572,50 +576,18 @@ class QwenCase(Case):
         }
 
     def time_vision(self, inputs: dict, attention_layers: set[int], repeats: int) -> tuple[QwenRunCache, list[float]]:
-        from vtprune.capture import capture_calls
-
-        visual = self.model.model.visual
+        integration = self.integration_class()(self.model, _any_pruner())
         times, cache = [], None
         for _ in range(repeats):
             start = clock(self.device)
-            with capture_calls(visual.blocks, attention_layers) as calls:
-                merged = visual(inputs["pixel_values"].type(visual.dtype), grid_thw=inputs["image_grid_thw"]).pooler_output
+            run = integration.run_encoder(inputs["pixel_values"], inputs["image_grid_thw"], attention_layers)
             times.append(clock(self.device) - start)
-            cache = QwenRunCache(calls=dict(calls), merged=merged, grid=inputs["image_grid_thw"])
+            cache = QwenRunCache(run=run)
         return cache, times
 
     def install_cache(self, handle, cache: QwenRunCache) -> None:
-        """Replace the integration's encode() by its post-ViT half, fed the cached ViT pass.
-
-        QwenVLIntegration has no run_encoder / reduce split (LLaVA has one); this mirrors the code of
-        `QwenVLIntegration.encode` after the ViT call (Qwen2-VL: no window reordering).
-        """
-        from vtprune.integration import reduce_images
-        from vtprune.integrations.qwen_vl import QwenAttentionProbe
-
-        integration = handle.integration
-        if hasattr(type(integration), "run_encoder") and hasattr(type(integration), "reduce"):  # pragma: no cover
-            raise NotImplementedError("QwenVLIntegration gained run_encoder/reduce: cache through them instead")
-        visual = self.model.model.visual
-        merge = visual.spatial_merge_size
-        assert not hasattr(visual, "fullatt_block_indexes"), "Qwen2.5-VL needs the window reordering"
-
-        def encode(inputs: dict):
-            info = integration.encoder_info()
-            sizes = (cache.grid.prod(-1) // merge**2).tolist()
-            features = list(torch.split(cache.merged, sizes))
-            probe = QwenAttentionProbe(visual.blocks, cache.calls, cache.grid.prod(-1).tolist(), group=merge**2, raster_order=None)
-            return reduce_images(
-                integration.pruner,
-                features,
-                [(h // merge, w // merge) for _, h, w in cache.grid.tolist()],
-                info,
-                project=lambda tokens: tokens,
-                probe=probe,
-                projected=lambda: features,
-            )
-
-        integration.encode = encode
+        # The integration's own encode() runs; only its ViT pass is replaced by the cached one.
+        handle.integration.run_encoder = lambda *args, **kwargs: cache.run
 
     def unpruned_llm_inputs(self, inputs: dict, cache: QwenRunCache) -> dict:
         ids = inputs["input_ids"]
@@ -995,33 +967,6 @@ def _replaced(original, replacement):
             setattr(module, attribute, original)
 
 
-def _first_pick_in_place(dist: torch.Tensor) -> torch.Tensor:
-    """Candidate for `vtprune.pruners.divprune._first_pick`: same pick without cloning the N x N matrix.
-
-    The diagonal is set to +inf in place. `greedy_max_min` only reads rows of picked tokens afterwards, and a
-    picked token's own column is masked, so every later pick is unchanged.
-    """
-    dist.fill_diagonal_(float("inf"))
-    return torch.argmax(dist.min(dim=0).values)
-
-
-@contextlib.contextmanager
-def _divprune_one_matrix():
-    import vtprune.pruners.divprune as module
-
-    original = module.pairwise_distance
-
-    def pairwise_distance(x: torch.Tensor, distance: str = "cosine") -> torch.Tensor:
-        # ``1 - cos`` in place on the Gram matrix: bit-identical (``-s + 1 == 1 - s`` in IEEE arithmetic).
-        if distance != "cosine":
-            return original(x, distance)
-        x = torch.nn.functional.normalize(x.float(), dim=-1)
-        return (x @ x.T).neg_().add_(1.0)
-
-    with _replaced(original, pairwise_distance), _replaced(module._first_pick, _first_pick_in_place):
-        yield
-
-
 @contextlib.contextmanager
 def _query_chunk(chunk: int):
     """Global attention (`vtprune.attention.received_attention`) accumulated over `chunk` queries at a time."""
@@ -1049,41 +994,6 @@ def _cls_query_only():
         yield
 
 
-@contextlib.contextmanager
-def _qwen_qk_only():
-    """QwenAttentionProbe projects q and k only: ``attn.qkv`` also computes v, a third of the projection FLOPs
-    that no statistic uses (the rows of the fused weight are [q; k; v])."""
-    import torch.nn.functional as F
-
-    from vtprune.integrations import qwen_vl
-
-    probe_class = qwen_vl.QwenAttentionProbe
-    original = probe_class._queries_keys
-
-    def _queries_keys(self, layer: int):
-        if layer not in self._qk and layer in self.calls:
-            args, kwargs = self.calls[layer]
-            hidden = args[0] if args else kwargs["hidden_states"]
-            block = self.blocks[layer]
-            attn = block.attn
-            rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
-            with torch.no_grad():
-                x = block.norm1(hidden)
-                length, rows = x.shape[0], 2 * attn.qkv.out_features // 3
-                bias = None if attn.qkv.bias is None else attn.qkv.bias[:rows]
-                q, k = F.linear(x, attn.qkv.weight[:rows], bias).reshape(length, 2, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-                cos, sin = kwargs["position_embeddings"]
-                q_rot, k_rot = rope(q, k, cos, sin)
-            self._qk[layer] = (q_rot.float() * attn.scaling, k_rot.float(), k.float(), kwargs["cu_seqlens"].tolist())
-        return original(self, layer)
-
-    probe_class._queries_keys = _queries_keys
-    try:
-        yield
-    finally:
-        probe_class._queries_keys = original
-
-
 class FixCandidate:
     """A core change tried by a temporary patch of the vtprune modules (nothing in vtprune/ is edited).
 
@@ -1100,26 +1010,6 @@ FIX_CANDIDATES = (
         "ClipAttentionProbe: the CLS row projects the CLS query only (the probe projects q for all S tokens)",
         applies=lambda family, name, used: "cls_attention" in used,
         patch=_cls_query_only,
-    ),
-    FixCandidate(
-        "query_chunk_64",
-        "vtprune.attention.received_attention over 64 queries at a time instead of QUERY_CHUNK=256: a 4x "
-        "smaller [H, chunk, S] block (peak memory), cache-friendlier at large S",
-        applies=lambda family, name, used: "global_attention" in used,
-        patch=lambda: _query_chunk(64),
-    ),
-    FixCandidate(
-        "divprune_one_matrix",
-        "divprune: 1 - cos in place on the Gram matrix, and _first_pick fills the diagonal in place instead of "
-        "cloning: one N x N matrix live instead of two",
-        applies=lambda family, name, used: name == "divprune",
-        patch=_divprune_one_matrix,
-    ),
-    FixCandidate(
-        "qwen_qk_only",
-        "QwenAttentionProbe projects q and k only; attn.qkv also computes v (a third of its FLOPs, unused)",
-        applies=lambda family, name, used: family.startswith("qwen") and bool(used & {"global_attention", "keys"}),
-        patch=_qwen_qk_only,
     ),
 )
 

@@ -26,6 +26,7 @@ Not supported: video inputs (``pixel_values_videos``) raise a clear error instea
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import torch
 
@@ -34,6 +35,16 @@ from vtprune.capture import capture_calls
 from vtprune.errors import MissingCLSError
 from vtprune.integration import EncodedImages, VLMIntegration, reduce_images, register_integration
 from vtprune.tokens import EncoderInfo
+
+@dataclass
+class QwenEncoderRun:
+    """One pass of the ViT and merger: merged tokens (raster order), grids, and the captured block calls."""
+
+    merged: torch.Tensor  # [G_total, D_llm]
+    grid: torch.Tensor  # [I, 3]
+    calls: dict
+    raster_order: torch.Tensor | None  # Qwen2.5-VL: argsort(window_index)
+
 
 class QwenAttentionProbe:
     """`AttentionProbe` for Qwen2-VL / Qwen2.5-VL vision blocks, over the images of one encoder call.
@@ -165,13 +176,14 @@ class QwenVLIntegration(VLMIntegration):
             raise ValueError("pixel_values need image_grid_thw, as the Qwen processor returns them")
         if bool((grid[:, 0] != 1).any()):
             raise NotImplementedError("images with more than one temporal patch are not supported")
+        return self.reduce(self.run_encoder(inputs["pixel_values"], grid, self.pruner.attention_layers(self.encoder_info())))
+
+    def run_encoder(self, pixel_values: torch.Tensor, grid: torch.Tensor, attention_layers: set[int]) -> QwenEncoderRun:
+        """Run the ViT and merger once, capturing the calls of `attention_layers`."""
         visual = self._visual
         merge = visual.spatial_merge_size
-        info = self.encoder_info()
-        with capture_calls(visual.blocks, self.pruner.attention_layers(info)) as calls:
-            merged = visual(inputs["pixel_values"].type(visual.dtype), grid_thw=grid).pooler_output
-        sizes = (grid.prod(-1) // merge**2).tolist()
-        features = list(torch.split(merged, sizes))
+        with capture_calls(visual.blocks, attention_layers) as calls:
+            merged = visual(pixel_values.type(visual.dtype), grid_thw=grid).pooler_output
         raster_order = None
         if self._windowed:
             from transformers.vision_utils import get_vision_window_index
@@ -180,14 +192,21 @@ class QwenVLIntegration(VLMIntegration):
                 grid, spatial_merge_size=merge, window_size=visual.window_size, patch_size=visual.patch_size
             )
             raster_order = torch.argsort(window_index)
+        return QwenEncoderRun(merged=merged, grid=grid, calls=dict(calls), raster_order=raster_order)
+
+    def reduce(self, run: QwenEncoderRun) -> EncodedImages:
+        """Reduce every image of an encoder run (attention recomputed afresh: nothing is cached across calls)."""
+        visual = self._visual
+        merge = visual.spatial_merge_size
+        features = list(torch.split(run.merged, (run.grid.prod(-1) // merge**2).tolist()))
         probe = QwenAttentionProbe(
-            visual.blocks, calls, grid.prod(-1).tolist(), group=merge**2, raster_order=raster_order
+            visual.blocks, run.calls, run.grid.prod(-1).tolist(), group=merge**2, raster_order=run.raster_order
         )
         return reduce_images(
             self.pruner,
             features,
-            [(h // merge, w // merge) for _, h, w in grid.tolist()],
-            info,
+            [(h // merge, w // merge) for _, h, w in run.grid.tolist()],
+            self.encoder_info(),
             project=lambda tokens: tokens,
             probe=probe,
             projected=lambda: features,

@@ -64,6 +64,15 @@ def _init_std(model: torch.nn.Module, std: float, seed: int) -> None:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1 * std)
 
 
+def _finish(model: torch.nn.Module, tokenizer, attn_implementation: str, seed: int) -> None:
+    """Attention backend, visible random weights, eval mode, and the tokenizer's pad/eos for generate."""
+    model.set_attn_implementation(attn_implementation)
+    _init_std(model, std=0.2, seed=seed)
+    model.eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+
 def _llava_parts(image_size, patch_size, vision_layers, vision_width, text_layers, text_width, max_positions):
     """Tokenizer, CLIP vision config and Llama text config shared by the tiny LLaVA-1.5 and LLaVA-NeXT."""
     from transformers import CLIPVisionConfig, LlamaConfig
@@ -125,11 +134,7 @@ def tiny_llava(
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
-    model.set_attn_implementation(attn_implementation)
-    _init_std(model, std=0.2, seed=seed)
-    model.eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    _finish(model, tokenizer, attn_implementation, seed)
 
     image_processor = LlavaImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
@@ -239,11 +244,7 @@ def tiny_qwen_vl(
         raise ValueError(f"version must be '2' or '2.5', got {version!r}")
     torch.manual_seed(seed)
     model = model_class(config)
-    model.set_attn_implementation(attn_implementation)
-    _init_std(model, std=0.2, seed=seed)
-    model.eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    _finish(model, tokenizer, attn_implementation, seed)
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
@@ -302,15 +303,11 @@ def tiny_llava_next(
     )
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(config)
-    model.set_attn_implementation(attn_implementation)
-    _init_std(model, std=0.2, seed=seed)
+    _finish(model, tokenizer, attn_implementation, seed)
     with torch.no_grad():  # the newline vector is 1-D, so _init_std leaves it at transformers' small default
         generator = torch.Generator().manual_seed(seed + 1)
         newline = model.model.image_newline
         newline.copy_(torch.randn(newline.shape, generator=generator) * 0.2)
-    model.eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
 
     image_processor = LlavaNextImageProcessorPil(
         size={"shortest_edge": image_size},
