@@ -1,6 +1,7 @@
 """Speed benchmark: what visual-token pruning buys at real model widths, and what vtprune's selection costs.
 
     python eval/speed.py --out speed_results            # defaults: < 10 min on 2 CPU cores
+    python eval/speed.py --families llava-next-7b --out speed_results_next   # opt-in, ~8 min
     python eval/speed.py --tiny --out /tmp/speed        # seconds; what the test suite runs
 
 Models (random weights, eval mode, ``torch.no_grad``; fp32 on CPU, fp16 on CUDA; SDPA attention):
@@ -13,20 +14,30 @@ Models (random weights, eval mode, ``torch.no_grad``; fp32 on CPU, fp16 on CUDA;
   patch 14, 2x2 merger to 1536) at 448 x 448 (1024 patches -> 256 LLM tokens) and a Qwen2-1.5B LLM
   (hidden 1536, FFN 8960, 12 heads, 2 KV heads, vocab 151936, tied embeddings), reduced depth likewise
   (full depth 28). Budgets 192 / 128 / 64 of 256.
-- LLaVA-NeXT (budgets 640 / 320 / 160 of 2880) is not benchmarked yet: add a `Case` subclass (build, inputs,
-  time_vision, install_cache, unpruned_llm_inputs, expected_visual) and list it in `CASES`.
+- ``llava-next-7b`` (opt-in: not in the default ``--families``): `LlavaNextForConditionalGeneration` with the
+  same tower, projector and LLM as ``llava-1.5-7b`` (reduced depth likewise, full depth 32) and the llava-v1.6
+  ``image_grid_pinpoints``. One 672 x 672 image: base crop + 2x2 sub-crops = 5 x 576 = 2880 patch tokens, nothing
+  unpadded, plus one newline per row of the 48 x 48 sub-crop grid: the unpatched model packs 2928 visual tokens
+  (``tokens_per_image``). Budgets 640 / 320 / 160 with ``budget_scope="global"``: `keep` is the total the LLM
+  receives for the image, the 48 newlines included (``per_crop`` would give each of the five crops `keep`).
+  Pool cannot tile every crop's equal share on 24 x 24 (640: 118 = 2 x 59): such rows are listed under the
+  family's ``skipped`` with the `BudgetError`. Its 2976-token unpruned prefills at 7B width make this family
+  take about 7-9 min on 2 CPU cores, as long as the two others together, hence opt-in (the scaling study
+  below runs with ``llava-1.5-7b`` only).
 
 Each prompt is one image and ``--text-tokens`` (default 48) text tokens, batch 1.
 
 Definitions (every time is the minimum over ``--repeats`` runs after one warm-up run; the warm-up run is the
 one whose peak memory is recorded):
 
-- ``vision_encoder_ms``: the vision tower forward alone (post-encoder pruning does not shorten it).
+- ``vision_encoder_ms``: the vision tower forward alone (post-encoder pruning does not shorten it; LLaVA-NeXT:
+  all five crops in one batch, as the unpatched model runs them).
 - The vision tower runs once per model; its output (features and the captured block inputs pruners read) is
   cached, and the patched model is made to reuse it (`Case.install_cache`), so every prefill below starts from
   the visual features, exactly where vtprune starts.
-- ``unpruned_prefill_ms``: what the unpatched model does after its tower: projector on all N tokens (LLaVA),
-  splice into the token embeddings (Qwen: plus its M-RoPE ids), and the unpatched forward with
+- ``unpruned_prefill_ms``: what the unpatched model does after its tower: projector on all N tokens (LLaVA;
+  NeXT: then its own ``pack_image_features``: sub-crop grid, unpadding, newlines), splice into the token
+  embeddings (Qwen: plus its M-RoPE ids), and the unpatched forward with
   ``inputs_embeds`` (LLM prefill + logits of the last position, ``logits_to_keep=1``, KV cache built).
 - ``pruned_prefill_ms``: the patched model's forward with ``vtprune.apply(model, pruner, keep=K)``: selection
   (attention statistics recomputed from the captured block inputs, the pruner, projecting the tokens the LLM
@@ -37,7 +48,9 @@ one whose peak memory is recorded):
 - ``identity_check``: computed by the benchmark for every row. The LLM inputs captured (a hook on the language
   model) in the pruned run and in the oracle run are bit-identical; the text columns are the token embeddings;
   for pure-selection pruners the visual columns are the projected features of ``handle.stats[0].order``
-  (recomputed independently, allclose); the oracle's logits are compared too (``identity_detail``).
+  (recomputed independently, allclose; NeXT: ``order`` indexes the packed sequence, so they are those rows of
+  the unpatched model's own packed features, newlines included); the oracle's logits are compared too
+  (``identity_detail``).
 - Full depth: the decoder-stack time is measured inside each call (hooks on the first and last decoder
   layer) and scaled linearly, ``full = outside + layers * full_layers / llm_layers`` (prefill time is linear
   in the number of identical layers); ``outside = total - layers`` is everything else (selection, building the
@@ -86,7 +99,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -279,8 +292,7 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
 class Case:
     """One model family at real geometry. Subclasses know the model; the benchmark loop knows nothing of it.
 
-    To add a family (LLaVA-NeXT: budgets 640 / 320 / 160 of 2880), implement the methods below and list the
-    class in `CASES`.
+    To add a family, implement the methods below and list the class in `CASES`.
     """
 
     name = ""
@@ -288,6 +300,8 @@ class Case:
     budgets: tuple[int, ...] = ()
     full_layers = 0
     image_token_id = 0
+    apply_options: ClassVar[dict[str, Any]] = {}
+    """Family options every `vtprune.apply` of the benchmark passes (LLaVA-NeXT: its budget scope)."""
 
     def __init__(self, llm_layers: int, text_tokens: int, tiny: bool, device: torch.device, dtype: torch.dtype) -> None:
         self.llm_layers = llm_layers or self.full_layers  # 0: full depth
@@ -331,7 +345,8 @@ class Case:
         raise NotImplementedError
 
     def score_heads_and_length(self) -> tuple[int, int]:
-        """Heads and sequence length of the encoder block pruners score at (for the attention-map size)."""
+        """Heads (times the images or crops the tower runs at once) and sequence length of the encoder block
+        pruners score at (for the attention-map size)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ shared
@@ -420,8 +435,9 @@ class LlavaCase(Case):
     def tokens_per_image(self) -> int:
         return 576
 
-    def build(self):
-        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    def _tower_and_llm_configs(self):
+        """The CLIP ViT-L/14-336 tower and the Vicuna-7B-width Llama configs (shared with LLaVA-NeXT)."""
+        from transformers import CLIPVisionConfig, LlamaConfig
 
         v, t = self.geometry["vision"], self.geometry["llm"]
         vision = CLIPVisionConfig(
@@ -433,6 +449,12 @@ class LlavaCase(Case):
             num_hidden_layers=self.llm_layers, num_attention_heads=t["heads"], num_key_value_heads=t["kv_heads"],
             max_position_embeddings=4096, pad_token_id=0,
         )
+        return vision, text
+
+    def build(self):
+        from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+        vision, text = self._tower_and_llm_configs()
         config = LlavaConfig(
             vision_config=vision, text_config=text, image_token_id=self.image_token_id, vision_feature_layer=-2,
             vision_feature_select_strategy="default", pad_token_id=0,
@@ -608,8 +630,149 @@ class QwenCase(Case):
         return v["num_heads"], self._side * self._side
 
 
-CASES: dict[str, type[Case]] = {"llava-1.5-7b": LlavaCase, "qwen2-vl-2b": QwenCase}
-"""Benchmarked families. LLaVA-NeXT (640 / 320 / 160 of 2880) goes here once its integration lands."""
+class LlavaNextRunCache:
+    """The cached tower pass over every crop (`LlavaIntegration.run_encoder` on `crop_batch`'s batch), the crop
+    counts and image sizes, and the unpatched packed visual sequence for the identity check (filled on first
+    use, outside every timed region)."""
+
+    def __init__(self, run, crops_per_image: list[int], image_sizes: torch.Tensor) -> None:
+        self.run = run
+        self.crops_per_image = crops_per_image
+        self.image_sizes = image_sizes
+        self.packed: torch.Tensor | None = None
+
+
+class LlavaNextCase(LlavaCase):
+    """LLaVA-NeXT-7B (llava-v1.6-vicuna-7b geometry): CLIP ViT-L/14-336 anyres + Vicuna-7B (reduced depth).
+
+    Tower, projector and LLM as `LlavaCase`; the llava-v1.6 `image_grid_pinpoints`. One 672 x 672 image: the
+    2x2 pinpoint, so a base crop and four sub-crops, 5 x 576 = 2880 patch tokens; a square image on a square
+    grid loses nothing to unpadding, and the unpatched model appends one newline per row of the 48 x 48
+    sub-crop grid: it packs 576 + 48 x 49 = 2928 visual tokens (`tokens_per_image`, taken from the model's own
+    `pack_image_features`). No image gets closer to 2880 packed: unpadding cuts rows or columns in pairs, so the
+    nearest layouts are 2928 (nothing cut) and 2832 / 2830 (two columns / rows cut).
+
+    ``budget_scope="global"``: `keep` is the total the LLM receives for the image, the 48 newlines included
+    (keep=640 is 48 newlines + 592 patch tokens split equally over the five crops), which is what a budget of
+    "640 / 320 / 160 of 2880" compares against. ``"per_crop"`` would apply `keep` to each of the five crops
+    (5 x keep + 48 tokens). Pool cannot tile every equal share on a 24 x 24 crop (118 = 2 x 59): such rows
+    are reported under ``skipped`` with the `BudgetError`, not measured.
+    """
+
+    name = "llava-next-7b"
+    label = "LLaVA-NeXT-7B (CLIP ViT-L/14-336 anyres, Vicuna-7B width)"
+    budgets = (640, 320, 160)
+    full_layers = 32
+    image_token_id = 32000  # llava-hf llava-v1.6-vicuna: <image> = 32000, vocab 32064
+    apply_options: ClassVar[dict[str, Any]] = {"budget_scope": "global"}
+    grid_pinpoints = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+    """llava-v1.6 resolutions, (height, width)."""
+    image_size = (672, 672)
+    """(height, width) of the benchmark image, as the processor reports it in ``image_sizes``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.geometry["anyres"] = {
+            "image_grid_pinpoints": [list(p) for p in self.grid_pinpoints], "image_size": list(self.image_size),
+            "budget_scope": self.apply_options["budget_scope"],
+        }
+        self._packed_tokens: int | None = None
+        self._crops = 0
+
+    def integration_class(self):
+        from vtprune.integrations.llava_next import LlavaNextIntegration
+
+        return LlavaNextIntegration
+
+    def tokens_per_image(self) -> int:
+        if self._packed_tokens is None:
+            raise RuntimeError("tokens_per_image() is known once build() has run")
+        return self._packed_tokens
+
+    def build(self):
+        from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        vision, text = self._tower_and_llm_configs()
+        config = LlavaNextConfig(
+            vision_config=vision, text_config=text, image_token_id=self.image_token_id, vision_feature_layer=-2,
+            vision_feature_select_strategy="default", image_grid_pinpoints=[list(p) for p in self.grid_pinpoints],
+            image_seq_length=576, pad_token_id=0,
+        )
+        self.model = self._construct(LlavaNextForConditionalGeneration, config)
+        self._crops = image_size_to_num_patches(list(self.image_size), config.image_grid_pinpoints, 336)
+        # The length the unpatched model packs (unpadding, newlines), from its own code on placeholder features.
+        placeholder = [torch.zeros(self._crops, 576, 1)]
+        packed, _ = self.model.model.pack_image_features(
+            placeholder, torch.tensor([self.image_size]), "default", image_newline=torch.zeros(1)
+        )
+        self._packed_tokens = int(packed[0].shape[0])
+        self.geometry["anyres"].update(crops=self._crops, patch_tokens=self._crops * 576, packed_tokens=self._packed_tokens)
+        return self.model
+
+    def inputs(self) -> dict:
+        g = torch.Generator().manual_seed(1)
+        before = min(5, self.text_tokens)  # "USER: <image>\n{question} ASSISTANT:"
+        ids = torch.cat([
+            self._text_ids(before, 30000, g),
+            torch.full((self.tokens_per_image(),), self.image_token_id),
+            self._text_ids(self.text_tokens - before, 30000, g),
+        ])[None]
+        return {
+            "input_ids": ids.to(self.device),
+            "attention_mask": torch.ones_like(ids).to(self.device),
+            "pixel_values": torch.randn(1, self._crops, 3, 336, 336, generator=g).to(self.device, self.dtype),
+            "image_sizes": torch.tensor([self.image_size]).to(self.device),
+        }
+
+    def time_vision(self, inputs: dict, attention_layers: set[int], repeats: int) -> tuple[LlavaNextRunCache, list[float]]:
+        integration = self.integration_class()(self.model, _any_pruner(), **self.apply_options)
+        times, cache = [], None
+        for _ in range(repeats):
+            start = clock(self.device)
+            pixel_values, crops_per_image = integration.crop_batch(inputs)
+            run = integration.run_encoder(pixel_values, -2, attention_layers)
+            times.append(clock(self.device) - start)
+            cache = LlavaNextRunCache(run=run, crops_per_image=crops_per_image, image_sizes=inputs["image_sizes"])
+        return cache, times
+
+    def install_cache(self, handle, cache: LlavaNextRunCache) -> None:
+        # The integration's own encode() runs (crop_batch, reduce_anyres); only its tower pass is the cached one.
+        handle.integration.run_encoder = lambda *args, **kwargs: cache.run
+
+    def _unpatched_packed(self, cache: LlavaNextRunCache) -> torch.Tensor:
+        """What the unpatched get_image_features does after its tower: the projector on every crop at once,
+        then the model's own pack_image_features (sub-crop grid, unpadding, newlines, base crop first)."""
+        inner = self.model.model
+        features = torch.split(inner.multi_modal_projector(cache.run.features), cache.crops_per_image, dim=0)
+        packed, _ = inner.pack_image_features(features, cache.image_sizes, "default", image_newline=inner.image_newline)
+        return torch.cat(packed, dim=0)
+
+    def unpruned_llm_inputs(self, inputs: dict, cache: LlavaNextRunCache) -> dict:
+        ids = inputs["input_ids"]
+        embeds = self.model.get_input_embeddings()(ids)
+        packed = self._unpatched_packed(cache).to(embeds.dtype)
+        mask = self.model.model.get_placeholder_mask(ids, inputs_embeds=embeds, image_features=packed)
+        return {"inputs_embeds": embeds.masked_scatter(mask, packed), "attention_mask": inputs["attention_mask"]}
+
+    def expected_visual(self, cache: LlavaNextRunCache, order: torch.Tensor) -> torch.Tensor:
+        # For a pure selection, stats.order indexes the packed sequence (newline slots included), so the visual
+        # columns are rows of what the unpatched model would have spliced in.
+        if cache.packed is None:
+            cache.packed = self._unpatched_packed(cache)
+        return cache.packed[order.to(self.device)]
+
+    def score_heads_and_length(self) -> tuple[int, int]:
+        # The tower runs all crops as one batch, so one map of the score block covers every crop.
+        return self.geometry["vision"]["heads"] * self._crops, 577
+
+
+CASES: dict[str, type[Case]] = {"llava-1.5-7b": LlavaCase, "qwen2-vl-2b": QwenCase, "llava-next-7b": LlavaNextCase}
+"""Benchmarked families."""
+
+DEFAULT_FAMILIES = ("llava-1.5-7b", "qwen2-vl-2b")
+"""What runs without ``--families``: llava-next-7b is opt-in (its 2928-token prefills at 7B width take about as
+long as the two others together on 2 CPU cores; see the module docstring)."""
 
 
 def _any_pruner():
@@ -666,6 +829,7 @@ def record_statistics():
 
 def run_case(case: Case, names: list[str], args, log: Callable[[str], None]) -> dict:
     import vtprune
+    from vtprune.errors import BudgetError
 
     started = time.perf_counter()
     model = case.build()
@@ -673,7 +837,7 @@ def run_case(case: Case, names: list[str], args, log: Callable[[str], None]) -> 
         f"({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params, {case.llm_layers} LLM layers)")
     budgets = [b for b in (args.budgets or case.budgets) if b <= case.tokens_per_image()]
     integration_cls = case.integration_class()
-    info = integration_cls(model, vtprune.create_pruner(names[0], keep=budgets[0])).encoder_info()
+    info = integration_cls(model, vtprune.create_pruner(names[0], keep=budgets[0]), **case.apply_options).encoder_info()
     layers = set().union(*(vtprune.create_pruner(n, keep=budgets[0]).attention_layers(info) for n in names))
     inputs = case.inputs()
     n_unpruned = inputs["input_ids"].shape[1]
@@ -725,15 +889,20 @@ def run_case(case: Case, names: list[str], args, log: Callable[[str], None]) -> 
 
             heads, score_len = case.score_heads_and_length()
             map_mb = mb(heads * score_len * score_len * 4)
-            rows = []
+            rows, skipped = [], []
             for name in names:
                 for keep in budgets:
-                    rows.append(_run_row(case, name, keep, inputs, cache, forward, layer_clock, captured,
-                                         unpruned, n_unpruned, map_mb, result["vision_encoder_ms"], args, log))
+                    try:
+                        rows.append(_run_row(case, name, keep, inputs, cache, forward, layer_clock, captured,
+                                             unpruned, n_unpruned, map_mb, result["vision_encoder_ms"], args, log))
+                    except BudgetError as error:  # e.g. pool cannot tile a crop's share of a global budget
+                        skipped.append({"pruner": name, "keep": keep, "reason": f"{type(error).__name__}: {error}"})
+                        log(f"[{case.name}] {name:>10} keep={keep:<4} skipped: {error}")
         finally:
             layer_clock.remove()
             capture_handle.remove()
     result["rows"] = rows
+    result["skipped"] = skipped
     result["seconds"] = time.perf_counter() - started
     return result
 
@@ -743,7 +912,7 @@ def _run_row(case, name, keep, inputs, cache, forward, layer_clock, captured, un
     import vtprune
 
     model, device = case.model, case.device
-    handle = vtprune.apply(model, name, keep=keep)
+    handle = vtprune.apply(model, name, keep=keep, **case.apply_options)
     try:
         case.install_cache(handle, cache)
 
@@ -1228,6 +1397,10 @@ def markdown(result: dict) -> str:
                 f"{r['pruned_tflops']:.2f} | {'ok' if r['identity_check'] else 'FAILED'} |"
             )
         lines.append("")
+        for skip in fam.get("skipped", []):
+            lines.append(f"- {skip['pruner']} keep={skip['keep']}: not measured ({skip['reason']})")
+        if fam.get("skipped"):
+            lines.append("")
         with_fixes = [r for r in fam["rows"] if r.get("fix_candidates")]
         if with_fixes:
             lines += ["Candidate core changes (temporary patches; selection alone): selection ms and selection peak "
@@ -1350,6 +1523,7 @@ def summarize_targets(families: list[dict], scaling: dict | None) -> dict:
             }
             for fam in families if fam["name"] != "llava-1.5-7b"
         },
+        "skipped_rows": {fam["name"]: [[s["pruner"], s["keep"]] for s in fam["skipped"]] for fam in families if fam["skipped"]},
     }
     if scaling:
         cls_rows = [r for r in scaling["rows"] if r["pruner"] in ("fastervlm", "visionzip") and r["selection_peak_mb"] is not None]
@@ -1362,9 +1536,10 @@ def summarize_targets(families: list[dict], scaling: dict | None) -> dict:
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="folder for results.json, table.md, speed.png")
-    parser.add_argument("--families", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--families", nargs="+", default=list(DEFAULT_FAMILIES), choices=list(CASES),
+                        help="default: %(default)s (llava-next-7b is opt-in)")
     parser.add_argument("--pruners", nargs="+", default=None, help="default: every registered pruner")
-    parser.add_argument("--budgets", type=int, nargs="+", default=None, help="default: the family's (192 128 64)")
+    parser.add_argument("--budgets", type=int, nargs="+", default=None, help="default: the family's (192 128 64; LLaVA-NeXT 640 320 160)")
     parser.add_argument("--llm-layers", type=int, default=None, help="decoder layers built (default: 2 on CPU, full on CUDA)")
     parser.add_argument("--text-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (min reported), after one warm-up")

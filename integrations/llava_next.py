@@ -212,17 +212,29 @@ class LlavaNextIntegration(LlavaIntegration):
 
     # ------------------------------------------------------------------ per call
     def encode(self, inputs: dict) -> EncodedImages:
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
         config = self.model.config
         strategy = inputs.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
         if strategy != "default":
             raise UnsupportedModelError(f"vision_feature_select_strategy={strategy!r} is not supported yet")
+        pixel_values, crops_per_image = self.crop_batch(inputs)
+        feature_layer = inputs.get("vision_feature_layer") or config.vision_feature_layer
+        info = self.encoder_info(feature_layer)
+        run = self.run_encoder(pixel_values, feature_layer, self.pruner.attention_layers(info))
+        return self.reduce_anyres(run, inputs["image_sizes"], crops_per_image)
+
+    def crop_batch(self, inputs: dict) -> tuple[torch.Tensor, list[int]]:
+        """The tower batch of a call, ``[crops, C, H, W]`` with every image's crops in order (as the unpatched
+        get_image_features stacks them), and the number of crops of each image.
+
+        `encode` is ``crop_batch`` + `run_encoder` + `reduce_anyres`; callers that cache the tower pass (the
+        speed benchmark) run the three steps themselves.
+        """
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
         image_sizes = inputs.get("image_sizes")
         if image_sizes is None:
             raise ValueError("LLaVA-NeXT needs image_sizes with pixel_values; pass the processor's output unchanged")
-        feature_layer = inputs.get("vision_feature_layer") or config.vision_feature_layer
-        crop_size = config.vision_config.image_size
+        crop_size = self.model.config.vision_config.image_size
         crops_per_image = [
             image_size_to_num_patches(size, grid_pinpoints=self._pinpoints, patch_size=crop_size) for size in image_sizes
         ]
@@ -235,9 +247,7 @@ class LlavaNextIntegration(LlavaIntegration):
             raise ValueError(
                 f"pixel_values holds {pixel_values.shape[0]} crops but image_sizes implies {sum(crops_per_image)}"
             )
-        info = self.encoder_info(feature_layer)
-        run = self.run_encoder(pixel_values, feature_layer, self.pruner.attention_layers(info))
-        return self.reduce_anyres(run, image_sizes, crops_per_image)
+        return pixel_values, crops_per_image
 
     def layout(self, image_size, first_crop: int, crops: int) -> _Layout:
         """The packed sequence of one image whose crops start at `first_crop` of the tower batch."""

@@ -115,3 +115,75 @@ def test_helpers(speed):
     assert speed.scaling_keep(2880, (48, 60)) == 320
     assert speed.scaling_keep(5000, (50, 100)) == 555  # 556 = 4 x 139 cannot be pooled on 50 x 100
     assert speed.full_depth(10.0, 20.0, 2, 32) == 330.0
+
+
+# ---------------------------------------------------------------------------------------------- LLaVA-NeXT
+# The fixed-budget pruners: a pruner without a fixed keep (in-encoder merging) has no row at 640 / 320 / 160.
+NEXT_PRUNERS = ("divprune", "fastervlm", "hiprune", "pool", "random", "visionzip")
+
+
+@pytest.fixture(scope="module")
+def next_run(speed, tmp_path_factory):
+    out = tmp_path_factory.mktemp("speed_next")
+    argv = ["--tiny", "--families", "llava-next-7b", "--pruners", *NEXT_PRUNERS, "--repeats", "1", "--threads", "1",
+            "--quiet", "--out", str(out)]
+    return speed.main(argv), out
+
+
+def test_next_is_opt_in(speed):
+    assert "llava-next-7b" in speed.CASES
+    assert "llava-next-7b" not in speed.parse_args([]).families
+    assert speed.parse_args(["--families", "llava-next-7b"]).families == ["llava-next-7b"]
+
+
+def test_next_every_pruner_and_budget(next_run, speed):
+    result, out = next_run
+    (family,) = result["families"]
+    assert family["name"] == "llava-next-7b" and family["tokens_per_image"] == 2928  # 5 x 576 + 48 newlines
+    assert family["geometry"]["anyres"]["patch_tokens"] == 2880 and family["seq_len_unpruned"] == 2928 + 48
+    assert result["scaling"] is None  # the scaling study belongs to llava-1.5-7b
+    measured = {(r["pruner"], r["keep"]) for r in result["rows"]}
+    skipped = {(s["pruner"], s["keep"]) for s in family["skipped"]}
+    assert measured | skipped == {(name, keep) for name in NEXT_PRUNERS for keep in (640, 320, 160)}
+    assert not measured & skipped
+    # Only pool can fail to tile a crop's equal share of a global budget (640: 118 per crop = 2 x 59).
+    assert skipped == {("pool", 640)} and family["skipped"][0]["reason"].startswith("BudgetError")
+    assert result["targets"]["skipped_rows"] == {"llava-next-7b": [["pool", 640]]}
+    assert result["targets"]["identity_check_all_rows"] is True
+    for row in result["rows"]:
+        missing = [f for f in speed.ROW_FIELDS if f not in row]
+        assert not missing, (row["pruner"], missing)
+        for key in POSITIVE:
+            assert finite(row[key]) and row[key] > 0, (row["pruner"], row["keep"], key, row[key])
+        # global budget scope: keep is everything the LLM gets for the image, newlines included
+        assert row["tokens_in"] == 2928 and row["tokens_out"] == row["keep"]
+        assert row["seq_len_pruned"] == row["seq_len_unpruned"] - 2928 + row["keep"]
+        assert row["pruned_tflops"] < row["unpruned_tflops"]
+        detail = row["identity_detail"]
+        assert row["identity_check"] is True, (row["pruner"], row["keep"], detail)
+        assert detail["llm_inputs_equal"] and detail["text_match"] and detail["visual_count_match"]
+        assert detail["kept_visual_match"] is (None if row["pruner"] in ("visionzip", "pool") else True)
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["families"][0]["skipped"] == family["skipped"]
+    assert (out / "table.md").read_text().count("| ok |") == len(result["rows"])
+
+
+def test_next_case_is_the_unpatched_model(speed):
+    """The case's unpruned inputs give the logits of the unpatched model run on pixels, and `expected_visual`
+    is the unpatched model's packed image features (what the identity check compares against)."""
+    import torch
+
+    case = speed.LlavaNextCase(2, 8, True, torch.device("cpu"), torch.float32)
+    model = case.build()
+    inputs = case.inputs()
+    with torch.no_grad():
+        cache, _ = case.time_vision(inputs, set(), 1)
+        unpatched = model(**inputs, logits_to_keep=1).logits
+        from_cache = type(model).forward(model, **case.unpruned_llm_inputs(inputs, cache), logits_to_keep=1).logits
+        features = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+    torch.testing.assert_close(from_cache, unpatched)
+    packed = torch.cat(features, dim=0)
+    assert packed.shape[0] == case.tokens_per_image() == 2928
+    order = torch.randperm(2927, generator=torch.Generator().manual_seed(0))[:100]  # order + 1 stays in range
+    torch.testing.assert_close(case.expected_visual(cache, order), packed[order])
+    assert not torch.allclose(case.expected_visual(cache, order + 1), packed[order])
