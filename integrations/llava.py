@@ -17,7 +17,14 @@ from vtprune.errors import UnsupportedModelError
 from vtprune.integration import EncodedImages, VLMIntegration, reduce_images, register_integration
 from vtprune.tokens import EncoderInfo
 
+from vtprune.merging.dtome import groups
+from vtprune.merging.vtu import build_virtual_map
+from vtprune.sequence import find_image_slots
+from vtprune.tokens import ImageStats
+
 from .clip_attention import ClipAttentionProbe
+from .encoder_merging import ClipStyleBlocks, run_merging_blocks
+from .virtual_unmerging import VirtualUnmerging
 
 
 @dataclass
@@ -133,6 +140,120 @@ class LlavaIntegration(VLMIntegration):
             probe=ClipAttentionProbe(self._blocks, run.block_inputs, visual=slice(1, None)),
             cls_features=None if run.cls_features is None else [run.cls_features[i] for i in range(images)],
             projected=lambda: list(projector(run.features)),
+        )
+
+    # ------------------------------------------------------------------ in-encoder merging (DyMU and alike)
+    encoder_merging_unsupported = None
+
+    def _merging_blocks(self, feature_layer=None) -> int:
+        feature_layer = self.model.config.vision_feature_layer if feature_layer is None else feature_layer
+        if not isinstance(feature_layer, int):
+            raise UnsupportedModelError(
+                f"in-encoder merging needs one vision_feature_layer (got {feature_layer!r}): merged token sets "
+                "differ between layers, so features of several layers cannot be concatenated"
+            )
+        return self._feature_blocks(feature_layer)[-1] + 1
+
+    def validate_merging(self) -> None:
+        strategy = self.model.config.vision_feature_select_strategy
+        if strategy != "default":
+            raise UnsupportedModelError(
+                f"vision_feature_select_strategy={strategy!r} is not supported yet; vtprune supports 'default'"
+            )
+        self.pruner.begin(self._merging_blocks())  # per-block settings of the wrong length fail now
+        ClipStyleBlocks(self._blocks, self.model.config.vision_config._attn_implementation)
+
+    def merging_geometry(self) -> tuple[int, int]:
+        rows, cols = self._grid()
+        return self._merging_blocks(), rows * cols
+
+    def calibration_pixels(self, images, processor) -> torch.Tensor:
+        if processor is None:
+            raise ValueError("calibrating on images needs processor=<the model's processor or image processor>")
+        image_processor = getattr(processor, "image_processor", processor)
+        pixel_values = image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        return pixel_values.to(self.model.device, self.model.dtype)
+
+    def run_merging(self, pixel_values: torch.Tensor, merger, feature_layer=None):
+        """The CLIP tower (embeddings, pre-norm, blocks up to the feature layer) with `merger` in every block."""
+        tower = self._tower
+        blocks = self._merging_blocks(feature_layer)
+        hidden = tower.embeddings(pixel_values)
+        pre_norm = getattr(tower, "pre_layrnorm", None)
+        if pre_norm is not None:
+            hidden = pre_norm(hidden)
+        runner = ClipStyleBlocks(self._blocks, self.model.config.vision_config._attn_implementation)
+        protected = 1 if self.encoder_info().has_cls else 0
+        return run_merging_blocks(runner, hidden, merger, blocks, protected)
+
+    def merged_units(self, pixel_values: torch.Tensor, feature_layer) -> tuple[list, torch.Tensor, list[torch.Tensor], float]:
+        """Encode with the pruner merging in the encoder; per encoder image: ``(positions, order, assignment)``
+        (see `vtprune.merging.groups`), the projection of the padded batch, per-block counts and merge time."""
+        merger = self.pruner
+        state, history = self.run_merging(pixel_values, merger, feature_layer)
+        skip = state.protected
+        # The projector runs on the whole padded batch at once, as the unpatched model projects its features.
+        projected = self.model.model.multi_modal_projector(state.x[:, skip:])
+        counts = state.counts.tolist()
+        units = [groups(state.where[i], counts[i], skip=skip) for i in range(state.x.shape[0])]
+        units = [(positions - skip, order, assignment) for positions, order, assignment in units]
+        return units, projected, [h - skip for h in history], merger.merge_seconds
+
+    def encode_merged(self, inputs: dict) -> EncodedImages:
+        if inputs.get("image_sizes") is not None:
+            raise NotImplementedError("image_sizes (variable-resolution vision towers) is not supported for LLaVA")
+        strategy = inputs.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
+        if strategy != "default":
+            raise UnsupportedModelError(f"vision_feature_select_strategy={strategy!r} is not supported yet")
+        feature_layer = inputs.get("vision_feature_layer") or self.model.config.vision_feature_layer
+        units, projected, history, seconds = self.merged_units(inputs["pixel_values"], feature_layer)
+        tokens = self._grid()[0] * self._grid()[1]
+        embeds, orders, stats = [], [], []
+        for i, (positions, order, assignment) in enumerate(units):
+            embeds.append(projected[i, positions])
+            orders.append(order)
+            stats.append(
+                ImageStats(
+                    tokens_in=tokens,
+                    tokens_out=int(order.numel()),
+                    kept=order.cpu(),
+                    order=order.cpu(),
+                    assignment=assignment.cpu(),
+                    extra={"tokens_per_block": [int(h[i]) for h in history]},
+                )
+            )
+        self._merged_call = (inputs, stats)
+        return EncodedImages(embeds=embeds, order=orders, stats=stats, selection_seconds=seconds)
+
+    def install(self, handle) -> None:
+        super().install(handle)
+        self._vtu = None
+        if getattr(self.pruner, "virtual_unmerging", False):
+            self._vtu = VirtualUnmerging(handle, self.model.model.language_model)
+            self._vtu.install()
+
+    def after_prefill(self, sequence, for_generate: bool) -> None:
+        vtu, call = getattr(self, "_vtu", None), getattr(self, "_merged_call", None)
+        self._merged_call = None
+        if vtu is None or call is None:
+            return
+        inputs, stats = call
+        input_ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask")
+        mask = torch.ones_like(input_ids) if mask is None else mask
+        positions = inputs.get("position_ids")
+        if positions is None:
+            positions = self.original_position_ids(inputs, for_generate)
+        slots = find_image_slots(self.placeholder_mask(input_ids), [s.tokens_in for s in stats])
+        vtu.prepare(
+            build_virtual_map(
+                sequence.source,
+                mask,
+                positions,
+                [slot.row for slot in slots],
+                [slot.positions for slot in slots],
+                [s.assignment for s in stats],
+            )
         )
 
     def placeholder_mask(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -439,3 +439,85 @@ class LlavaNextIntegration(LlavaIntegration):
             extra={"crop_tokens": crop_tokens, "newlines": rows, "source_crop": source_crop, "budget_scope": self.scope},
         )
         return embed, order, stat
+
+    # ------------------------------------------------------------------ in-encoder merging (DyMU and alike)
+    def _crops(self, pixel_values: torch.Tensor, image_sizes) -> tuple[torch.Tensor, list[int]]:
+        """The tower batch ``[crops, C, H, W]`` (every image's crops in order) and the crops of each image."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        crop_size = self.model.config.vision_config.image_size
+        counts = [image_size_to_num_patches(size, grid_pinpoints=self._pinpoints, patch_size=crop_size) for size in image_sizes]
+        if pixel_values.dim() == 5:
+            pixel_values = torch.cat([pv[:count] for pv, count in zip(pixel_values, counts)], dim=0)
+        if pixel_values.dim() != 4 or pixel_values.shape[0] != sum(counts):
+            raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)} do not match image_sizes ({sum(counts)} crops)")
+        return pixel_values, counts
+
+    def calibration_pixels(self, images, processor) -> torch.Tensor:
+        """Every anyres crop of every image (base and sub-crops): DyMU merges each crop separately."""
+        if processor is None:
+            raise ValueError("calibrating on images needs processor=<the model's processor or image processor>")
+        image_processor = getattr(processor, "image_processor", processor)
+        out = image_processor(images=list(images), return_tensors="pt")
+        pixel_values, _ = self._crops(out["pixel_values"], out["image_sizes"])
+        return pixel_values.to(self.model.device, self.model.dtype)
+
+    def encode_merged(self, inputs: dict) -> EncodedImages:
+        """Merge inside the tower, crop by crop; then pack as the unpatched model (unpadding, newlines).
+
+        Each crop's merge groups are restricted to the crop's tokens that survive unpadding; a merged token whose
+        members were all cut is dropped (the unpatched LLM never sees those tokens either). In the packed output a
+        merged token sits at the packed position of its first surviving member (see the module docstring).
+        """
+        config = self.model.config
+        strategy = inputs.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
+        if strategy != "default":
+            raise UnsupportedModelError(f"vision_feature_select_strategy={strategy!r} is not supported yet")
+        image_sizes = inputs.get("image_sizes")
+        if image_sizes is None:
+            raise ValueError("LLaVA-NeXT needs image_sizes with pixel_values; pass the processor's output unchanged")
+        pixel_values, crops_per_image = self._crops(inputs["pixel_values"], image_sizes)
+        feature_layer = inputs.get("vision_feature_layer") or config.vision_feature_layer
+        crop_units, projected, history, seconds = self.merged_units(pixel_values, feature_layer)
+
+        layouts, first = [], 0
+        for i, crops in enumerate(crops_per_image):
+            layouts.append(self.layout(image_sizes[i], first, crops))
+            first += crops
+        embeds, orders, unit_stats, owners = [], [], [], []
+        for i, layout in enumerate(layouts):
+            for unit in layout.units:
+                if unit.size == 0:
+                    continue
+                positions, _, crop_assignment = crop_units[unit.crop]
+                local = crop_assignment[unit.patches.to(crop_assignment.device)]
+                present, slot_of = torch.unique(local, return_inverse=True)
+                count = unit.size
+                first_member = torch.full((present.numel(),), count, dtype=torch.long, device=local.device)
+                first_member = first_member.scatter_reduce(0, slot_of, torch.arange(count, device=local.device), reduce="amin")
+                order, permutation = torch.sort(first_member)
+                rank = torch.empty_like(permutation)
+                rank[permutation] = torch.arange(permutation.numel(), device=local.device)
+                embeds.append(projected[unit.crop, positions[present[permutation]]])
+                orders.append(order)
+                unit_stats.append(
+                    ImageStats(tokens_in=count, tokens_out=int(order.numel()), kept=order.cpu(), order=order.cpu(),
+                               assignment=rank[slot_of].cpu())
+                )
+                owners.append((i, unit))
+        reduced = EncodedImages(embeds=embeds, order=orders, stats=unit_stats, selection_seconds=seconds)
+
+        newline = self.model.model.image_newline
+        out_embeds, out_orders, stats = [], [], []
+        for i, layout in enumerate(layouts):
+            results = [(unit, position) for position, (owner, unit) in enumerate(owners) if owner == i]
+            out_counts = {id(unit): unit_stats[position].tokens_out for unit, position in results}
+            budgets = [out_counts.get(id(unit), 0) for unit in layout.units]
+            embed, order, stat = self._assemble(layout, results, reduced, newline, budgets)
+            stat.extra.pop("budget_scope", None)
+            stat.extra["crop_tokens_per_block"] = [[int(h[unit.crop]) for h in history] for unit in layout.units]
+            out_embeds.append(embed)
+            out_orders.append(order)
+            stats.append(stat)
+        self._merged_call = (inputs, stats)
+        return EncodedImages(embeds=out_embeds, order=out_orders, stats=stats, selection_seconds=seconds)

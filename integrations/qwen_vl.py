@@ -127,6 +127,12 @@ class QwenAttentionProbe:
 
 @register_integration
 class QwenVLIntegration(VLMIntegration):
+    encoder_merging_unsupported = (
+        "its ViT ends in a PatchMerger that concatenates each 2x2 group of four consecutive patches of a fixed grid "
+        "(Qwen2.5-VL also attends in fixed windows), so tokens merged inside the ViT no longer form those groups; "
+        "merging after the merger would not shorten the ViT. Use a post-merger pruner on Qwen (fastervlm, "
+        "hiprune, divprune, visionzip, pool)"
+    )
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
     default_positions = "preserve"
     visual_kwargs = ("pixel_values", "pixel_values_videos")

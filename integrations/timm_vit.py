@@ -42,7 +42,10 @@ import torch
 from vtprune.attention import QKAttentionProbe, captured
 from vtprune.errors import ConfigError, UnsupportedModelError
 from vtprune.integration import Integration, reduce_images, register_integration
-from vtprune.tokens import EncoderInfo, normalize_layer
+from vtprune.merging.dtome import MergeState, groups
+from vtprune.tokens import EncoderInfo, ImageStats, normalize_layer
+
+from .encoder_merging import TimmBlocks, run_merging_blocks
 
 
 def _vit_class():
@@ -193,8 +196,130 @@ class TimmViTIntegration(Integration):
             )
         self.check_budget((int(grid[0]), int(grid[1])))
 
+    # ------------------------------------------------------------------ in-encoder merging (DyMU and alike)
+    encoder_merging_unsupported = None
+    MERGING_POOLS = ("token", "avg", "")
+
+    def validate_merging(self) -> None:
+        model = self.model
+        if type(model).forward_features is not _vit_class().forward_features:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} overrides VisionTransformer.forward_features; vtprune patches timm's own"
+            )
+        if getattr(model, "attn_pool", None) is not None or model.global_pool not in self.MERGING_POOLS:
+            raise UnsupportedModelError(
+                f"in-encoder merging supports global_pool 'token', 'avg' (size-weighted over the merged tokens) or "
+                f"'' (none); this ViT uses {'attention pooling' if getattr(model, 'attn_pool', None) is not None else repr(model.global_pool)}"
+            )
+        TimmBlocks(self._blocks)
+        self.pruner.begin(len(self._blocks))  # per-block settings of the wrong length fail now
+
+    def merging_geometry(self) -> tuple[int, int]:
+        grid = self.model.patch_embed.grid_size
+        return len(self._blocks), int(grid[0]) * int(grid[1])
+
+    def calibration_pixels(self, images, processor) -> torch.Tensor:
+        tensors = []
+        for image in images:
+            if torch.is_tensor(image) and processor is None:
+                tensors.append(image)
+            elif processor is None:
+                raise ValueError(
+                    "calibrating a timm ViT on images needs processor=<callable image -> [C, H, W] tensor>, e.g. "
+                    "timm.data.create_transform(**timm.data.resolve_data_config({}, model=model)); or pass tensors"
+                )
+            else:
+                tensors.append(processor(image))
+        parameter = next(self.model.parameters())
+        return torch.stack(tensors).to(parameter.device, parameter.dtype)
+
+    def run_merging(self, pixel_values: torch.Tensor, merger):
+        model = self.model
+        x = model.patch_embed(pixel_values)
+        x = model._pos_embed(x)
+        x = model.patch_drop(x)
+        x = model.norm_pre(x)
+        return run_merging_blocks(TimmBlocks(self._blocks), x, merger, len(self._blocks), self.num_prefix_tokens)
+
+    def _install_merging(self, handle: Any) -> None:
+        """forward_features runs every block with the merger and returns ``[B, prefix + T, D]`` padded to the
+        batch's largest token count (``handle.stats[i].tokens_out`` patch tokens of row i are valid, in front);
+        forward_head pools 'avg' as the size-weighted mean over each image's merged tokens (= the mean over its
+        original tokens' representatives), 'token' from the CLS as usual."""
+        model = self.model
+        original_features, original_head = model.forward_features, model.forward_head
+        last: dict = {}
+
+        @functools.wraps(original_features)
+        def forward_features(x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
+            if attn_mask is not None or is_causal:
+                raise NotImplementedError("vtprune: attn_mask / is_causal are not supported while the ViT is merged")
+            state, history = self.run_merging(x, self.pruner)
+            prefix = state.protected
+            counts = state.counts.tolist()
+            stats = []
+            # Rows are laid out in output order (prefix, then merged tokens by first member), as stats describe.
+            layout = torch.arange(state.x.shape[1], device=state.x.device).repeat(state.x.shape[0], 1)
+            for i in range(state.x.shape[0]):
+                positions, order, assignment = groups(state.where[i], counts[i], skip=prefix)
+                layout[i, prefix : counts[i]] = positions
+                stats.append(
+                    ImageStats(
+                        tokens_in=state.where.shape[1] - prefix,
+                        tokens_out=int(order.numel()),
+                        kept=order.cpu(),
+                        order=order.cpu(),
+                        assignment=assignment.cpu(),
+                        extra={"row": i, "tokens_per_block": [int(h[i]) - prefix for h in history]},
+                    )
+                )
+            handle.stats = stats
+            handle.selection_time = self.pruner.merge_seconds
+            if state.merged:  # unmerged: keep the tensor (and its memory layout) exactly as the blocks left it
+                index = layout[..., None].expand(-1, -1, state.x.shape[2])
+                state = MergeState(
+                    x=state.x.gather(1, index), size=state.size.gather(1, layout), valid=state.valid,
+                    origin=state.origin.gather(1, layout), where=state.where, protected=prefix, merged=True,
+                )  # `where` is not permuted: only stats and pooling read the state from here on
+            out = model.norm(state.x)
+            last["state"], last["out"] = state, out
+            return out
+
+        @functools.wraps(original_head)
+        def forward_head(x: torch.Tensor, pre_logits: bool = False):
+            state = last.get("state")
+            if model.global_pool != "avg" or state is None or not state.merged:
+                return original_head(x, pre_logits=pre_logits)
+            if last.get("out") is not x:
+                raise NotImplementedError("vtprune: forward_head with 'avg' pooling takes the output of the last forward_features")
+            start = 0 if model.pool_include_prefix else model.num_prefix_tokens
+            weight = (state.size * state.valid)[:, start:, None].to(x.dtype)
+            pooled = (x[:, start:] * weight).sum(dim=1) / weight.sum(dim=1)
+            pooled = model.head_drop(model.fc_norm(pooled))
+            return pooled if pre_logits else model.head(pooled)
+
+        handle.set_attribute("forward_features", forward_features)
+        handle.set_attribute("forward_head", forward_head)
+        for name in ("forward_intermediates", "get_intermediate_layers"):
+            if hasattr(model, name):
+                handle.set_attribute(name, self._refuse(name))
+
+    def _refuse(self, name: str):
+        method = getattr(self.model, name)
+
+        @functools.wraps(method)
+        def refused(*args, **kwargs):
+            raise NotImplementedError(
+                f"vtprune: {name} bypasses the token merging patch (it would return unmerged features); "
+                "call handle.remove() first, or use forward_features"
+            )
+
+        return refused
+
     # ------------------------------------------------------------------ the patch
     def install(self, handle: Any) -> None:
+        if self.pruner.kind == "encoder_merging":
+            return self._install_merging(handle)
         model = self.model
         original = model.forward_features
 

@@ -10,6 +10,7 @@
 
 from . import pruners  # noqa: F401  (registers the built-in pruners)
 from .api import apply, remove
+from .calibration import calibrate
 from .budget import Budget
 from .errors import (
     AlreadyPatchedError,
@@ -23,6 +24,7 @@ from .integration import Integration, VLMIntegration, register_integration, supp
 from .overlay import visualize
 from .patching import PruneHandle
 from .pruners.base import Pruner
+from .pruners.dymu import DyMUThresholds
 from .registry import create_pruner, list_pruners, register_pruner
 from .tokens import CLS_INDEX, EncoderInfo, ImageStats, Reduction, TensorProbe, VisualTokens
 
@@ -34,6 +36,7 @@ __all__ = [
     "BudgetError",
     "CLS_INDEX",
     "ConfigError",
+    "DyMUThresholds",
     "EncoderInfo",
     "ImageStats",
     "Integration",
@@ -47,6 +50,7 @@ __all__ = [
     "VLMIntegration",
     "VisualTokens",
     "apply",
+    "calibrate",
     "create_pruner",
     "list_pruners",
     "register_integration",

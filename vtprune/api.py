@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .errors import AlreadyPatchedError, ConfigError
+from .errors import AlreadyPatchedError, ConfigError, UnsupportedModelError
 from .integration import find_integration
 from .patching import HANDLE_ATTRIBUTE, PruneHandle
 from .pruners.base import Pruner
@@ -56,7 +56,20 @@ def apply(
         pruner = create_pruner(pruner, keep=keep, ratio=ratio, **options)
     else:
         raise ConfigError(f"pruner must be a registered name or a Pruner object, got {type(pruner).__name__}")
-    if not pruner.budget.is_set:
+    merging = pruner.kind == "encoder_merging"
+    if merging:
+        reason = integration_cls.encoder_merging_unsupported
+        if reason:
+            raise UnsupportedModelError(
+                f"{pruner.name or type(pruner).__name__} merges tokens inside the vision encoder, which vtprune does "
+                f"not support for {type(model).__name__}: {reason}"
+            )
+        if getattr(pruner, "virtual_unmerging", False) and positions is not None:
+            raise ConfigError(
+                "positions does not apply with vtu=True: the LLM attends over the virtual full-length sequence at "
+                "the original positions; use vtu=False to choose positions for the merged tokens"
+            )
+    elif not pruner.budget.is_set:
         raise ConfigError(f"pruner {pruner.name!r} has no default budget: pass keep=<tokens per image> or ratio=<(0, 1]>")
     if integration_cls.default_positions is None:
         if positions is not None:
@@ -66,7 +79,10 @@ def apply(
         if positions not in POSITION_MODES:
             raise ConfigError(f"positions must be one of {', '.join(POSITION_MODES)}; got {positions!r}")
     integration = integration_cls(model, pruner, **integration_options)
-    integration.validate()
+    if merging:
+        integration.validate_merging()
+    else:
+        integration.validate()
     handle = PruneHandle(model, integration, pruner, positions)
     handle._install()
     return handle

@@ -185,6 +185,26 @@ class Integration(abc.ABC):
     def install(self, handle: Any) -> None:
         """Patch `self.model` (through ``handle.set_attribute``) so that its calls are pruned."""
 
+    # ------------------------------------------------------------------ in-encoder merging (e.g. DyMU)
+    encoder_merging_unsupported: ClassVar[str | None] = "this model family has no in-encoder merging support yet"
+    """None when the family runs `EncoderMerger` methods (vtprune.merging), else why it cannot (for the error)."""
+
+    def validate_merging(self) -> None:
+        """Apply-time checks for an in-encoder merging method (replaces `validate`, which checks budgets)."""
+
+    def merging_geometry(self) -> tuple[int, int]:
+        """``(blocks, tokens)``: encoder blocks that run before the features are taken, and visual tokens per
+        image (per crop) before merging."""
+        raise NotImplementedError
+
+    def calibration_pixels(self, images: Sequence[Any], processor: Any) -> torch.Tensor:
+        """Encoder input for a list of images (crops flattened), for `vtprune.calibrate`."""
+        raise NotImplementedError
+
+    def run_merging(self, pixel_values: torch.Tensor, merger: Any) -> tuple[Any, list[torch.Tensor]]:
+        """Run the vision encoder on `pixel_values` with `merger`; the final `MergeState` and per-block counts."""
+        raise NotImplementedError
+
     def check_budget(self, grid: tuple[int, int]) -> None:
         """Fail at apply time, not at the first forward, when every image (a fixed `grid` of tokens) would fail."""
         tokens = grid[0] * grid[1]
@@ -217,6 +237,11 @@ class VLMIntegration(Integration):
     @abc.abstractmethod
     def encode(self, inputs: dict) -> EncodedImages:
         """Run the vision encoder on the visual inputs of one call and reduce every image."""
+
+    def encode_merged(self, inputs: dict) -> EncodedImages:
+        """Run the vision encoder with the in-encoder merging method (`vtprune.merging.EncoderMerger`) of this
+        integration and return every image's merged tokens (families with `encoder_merging_unsupported` None)."""
+        raise NotImplementedError(f"{type(self).__name__} does not run in-encoder merging methods")
 
     @abc.abstractmethod
     def placeholder_mask(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -156,7 +156,8 @@ class VLMSplice:
             raise ValueError("pass either input_ids with images or inputs_embeds, not both")
         if inputs.get("attention_mask") is None and for_generate:
             inputs["attention_mask"] = self._infer_generate_mask(input_ids)
-        encoded = integration.encode(inputs)
+        # In-encoder merging methods (vtprune.merging) change the encoder run itself: the integration's own path.
+        encoded = integration.encode_merged(inputs) if self.handle.pruner.kind == "encoder_merging" else integration.encode(inputs)
         slots = find_image_slots(integration.placeholder_mask(input_ids), encoded.tokens_in)
         position_ids = integration.position_ids_for(inputs, for_generate, self.positions)
         pad_id = integration.pad_token_id

@@ -28,14 +28,20 @@ def register_pruner(name: str) -> Callable[[P], P]:
     return decorator
 
 
-def list_pruners() -> list[str]:
-    """Sorted names of all registered pruners."""
-    return sorted(_PRUNERS)
+def list_pruners(kind: str | None = "reduce") -> list[str]:
+    """Sorted names of the registered pruners of `kind`: ``"reduce"`` (default: methods with a keep/ratio budget
+    that reduce the encoder's output), ``"encoder_merging"`` (methods that merge inside the encoder, e.g. DyMU),
+    or None for all."""
+    return sorted(name for name, cls in _PRUNERS.items() if kind is None or cls.kind == kind)
 
 
 def get_pruner_class(name: str) -> type[Pruner]:
     if not isinstance(name, str) or name not in _PRUNERS:
-        raise ConfigError(f"unknown pruner {name!r}; registered pruners: {', '.join(list_pruners())}")
+        merging = list_pruners("encoder_merging")
+        raise ConfigError(
+            f"unknown pruner {name!r}; registered pruners: {', '.join(list_pruners())}"
+            + (f"; in-encoder merging methods: {', '.join(merging)}" if merging else "")
+        )
     return _PRUNERS[name]
 
 

@@ -5,6 +5,7 @@ before (or instead of) `vtprune.registry`; ``vtprune/__init__.py`` does ``from .
 """
 
 from .base import Pruner
+from .dymu import DyMU, DyMUThresholds
 from .divprune import DivPrune, greedy_max_min, greedy_max_min_naive, pairwise_distance
 from .fastervlm import FasterVLM
 from .hiprune import HiPrune
@@ -18,6 +19,8 @@ __all__ = [
     "HiPrune",
     "DivPrune",
     "VisionZip",
+    "DyMU",
+    "DyMUThresholds",
     "RandomPruner",
     "Pool",
     "greedy_max_min",

@@ -19,6 +19,9 @@ class Pruner(abc.ABC):
 
     name: ClassVar[str] = ""
     default_budget: ClassVar[Budget] = Budget()
+    kind: ClassVar[str] = "reduce"
+    """``"reduce"``: reduces the encoder's output (`reduce`); ``"encoder_merging"``: merges inside the encoder
+    (`vtprune.merging.EncoderMerger`, run by the integration)."""
 
     def __init__(self, keep: int | None = None, ratio: float | None = None) -> None:
         budget = Budget(keep=keep, ratio=ratio)

@@ -1,0 +1,178 @@
+"""`vtprune.calibrate`: training-free threshold finding for in-encoder merging methods (DyMU, arXiv 2504.17040),
+and the ``vtprune-calibrate`` command.
+
+    thresholds = vtprune.calibrate(model, "dymu", images, processor=processor, preset="mid")
+    thresholds.save("dymu-mid.json")
+    vtprune.apply(model, "dymu", thresholds="dymu-mid.json")
+
+    vtprune-calibrate IMAGE_FOLDER --model llava-hf/llava-1.5-7b-hf --preset mid --out dymu-mid.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from .errors import ConfigError, UnsupportedModelError, VTPruneError
+from .integration import find_integration
+from .pruners.dymu import PRESETS, DyMUCalibrator, DyMUThresholds, preset_targets
+
+CALIBRATED_METHODS = ("dymu",)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+def _batches(images: Iterable[Any], size: int) -> Iterable[list]:
+    batch = []
+    for image in images:
+        batch.append(image)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def calibrate(
+    model: torch.nn.Module,
+    method: str,
+    images: Iterable[Any],
+    *,
+    processor: Any = None,
+    preset: str | None = "mid",
+    targets: Sequence[int] | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    **options: Any,
+) -> DyMUThresholds:
+    """Find DyMU's per-block merge thresholds on `images` (DyMU, arXiv 2504.17040, batch-level threshold finding).
+
+    For every batch and every encoder block that runs, the batch's ``B * r_l`` most similar bipartite edges are
+    merged and the similarity of the last merged edge is recorded; the block's threshold is the mean over
+    batches. The paper used ~250K images; a few hundred already give stable thresholds for a preset.
+
+    Args:
+        model: a model of a family that supports in-encoder merging (LLaVA-1.5, LLaVA-NeXT, timm ViT).
+        method: ``"dymu"``.
+        images: an iterable of images (PIL images; for timm, ``[C, H, W]`` tensors or images with `processor`).
+        processor: the model's processor or image processor (required for VLMs), or for timm a callable mapping
+            an image to a ``[C, H, W]`` tensor (e.g. ``timm.data.create_transform(**resolve_data_config(...))``).
+        preset: ``"low"``, ``"mid"`` (default) or ``"high"``: the paper's constant schedules (21 / 16 / 8 merges per
+            block of CLIP-L/336's 24, i.e. 7/8, 2/3, 1/3 of the tokens) scaled to this encoder's tokens and blocks.
+        targets: per-block merge targets ``r_l`` (one per block that runs); replaces `preset`.
+        batch_size: images per calibration batch (the threshold is found per batch).
+        progress: show a progress bar (tqdm).
+        **options: the family's options (e.g. none for LLaVA).
+
+    Returns:
+        `DyMUThresholds` (``.save(path)`` writes JSON; `vtprune.apply(model, "dymu", thresholds=...)` takes the
+        object or the path).
+    """
+    if method not in CALIBRATED_METHODS:
+        raise ConfigError(f"unknown calibration method {method!r}; methods with calibration: {', '.join(CALIBRATED_METHODS)}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    integration_cls = find_integration(model)
+    reason = integration_cls.encoder_merging_unsupported
+    if reason:
+        raise UnsupportedModelError(
+            f"{method} merges tokens inside the vision encoder, which vtprune does not support for "
+            f"{type(model).__name__}: {reason}"
+        )
+    probe = integration_cls(model, DyMUCalibrator([]), **options)
+    blocks, tokens = probe.merging_geometry()
+    if targets is not None:
+        targets = list(targets)
+        preset_name = None
+    else:
+        if preset is None:
+            raise ConfigError(f"give preset= ({', '.join(PRESETS)}) or targets=[one merge count per block]")
+        targets = preset_targets(preset, tokens, blocks)
+        preset_name = preset
+    calibrator = DyMUCalibrator(targets)
+    calibrator.begin(blocks)  # wrong-length targets fail before any image is read
+    if sum(targets) >= tokens:
+        raise ConfigError(f"targets merge {sum(targets)} tokens in total but an image has only {tokens}")
+    integration = integration_cls(model, calibrator, **options)
+
+    from tqdm import tqdm
+
+    seen = 0
+    bar = tqdm(desc=f"calibrating {method}", unit="img", disable=not progress)
+    try:
+        with torch.no_grad():
+            for batch in _batches(images, batch_size):
+                pixel_values = integration.calibration_pixels(batch, processor)
+                integration.run_merging(pixel_values, calibrator)
+                seen += len(batch)
+                bar.update(len(batch))
+    finally:
+        bar.close()
+    if seen == 0:
+        raise ConfigError("calibration got no images")
+    meta = {
+        "model": type(model).__name__,
+        "preset": preset_name,
+        "targets": targets,
+        "tokens": tokens,
+        "blocks": blocks,
+        "images": seen,
+        "batch_size": batch_size,
+    }
+    return calibrator.thresholds(meta)
+
+
+def _folder_images(folder: Path, limit: int | None):
+    from PIL import Image
+
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {str(folder)!r} does not exist")
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if limit:
+        paths = paths[:limit]
+    if not paths:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {str(folder)!r}")
+    for path in paths:
+        with Image.open(path) as image:
+            yield image.convert("RGB")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``vtprune-calibrate FOLDER --model NAME_OR_PATH --preset mid --out thresholds.json``."""
+    parser = argparse.ArgumentParser(prog="vtprune-calibrate", description="Calibrate DyMU thresholds on a folder of images.")
+    parser.add_argument("folder", type=Path, help="folder of images (searched recursively)")
+    parser.add_argument("--model", required=True, help="Hub id or save_pretrained folder, or tiny:<family> (tiny:llava, tiny:llava_next)")
+    parser.add_argument("--preset", default="mid", choices=sorted(PRESETS))
+    parser.add_argument("--targets", default=None, help="comma-separated merges per block (replaces --preset)")
+    parser.add_argument("--out", type=Path, required=True, help="where to write the thresholds JSON")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--limit", type=int, default=None, help="use at most this many images")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    try:
+        from .models import load_model
+
+        if args.model.startswith("tiny:"):
+            spec = {"source": "tiny", "family": args.model[len("tiny:") :], "dtype": args.dtype, "device": args.device}
+        elif Path(args.model).is_dir():
+            spec = {"source": "path", "path": args.model, "dtype": args.dtype, "device": args.device}
+        else:
+            spec = {"source": "hub", "name": args.model, "dtype": args.dtype, "device": args.device}
+        targets = [int(t) for t in args.targets.split(",")] if args.targets else None
+        images = list(_folder_images(args.folder, args.limit))
+        model, processor = load_model(spec)
+        thresholds = calibrate(model, "dymu", images, processor=processor, preset=args.preset, targets=targets, batch_size=args.batch_size)
+        path = thresholds.save(args.out)
+    except (VTPruneError, FileNotFoundError, ValueError) as error:
+        print(f"vtprune-calibrate: error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(thresholds)} thresholds ({thresholds.meta['images']} images, preset {thresholds.meta['preset']}) to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
