@@ -47,7 +47,8 @@ class Record:
     answer: str
     type: str
     objects: list[dict] = field(default_factory=list)
-    """Scene contents: ``{"shape", "colour", "x", "y", "radius"}`` per shape (for analysis and overlays)."""
+    """Scene contents: ``{"shape", "colour", "x", "y", "radius"}`` per shape, and for the white character box
+    ``{"shape": "text", "colour": "white", ..., "character"}`` (for analysis, overlays and training labels)."""
 
     def to_json(self) -> dict:
         return {"id": self.id, "question": self.question, "answer": self.answer, "type": self.type, "objects": self.objects}
@@ -67,6 +68,7 @@ class _Scene:
         self.rng = rng
         self.size = size
         self.shapes: list[_Shape] = []
+        self.characters: list[dict] = []
         self.boxes: list[tuple[float, float, float]] = []  # occupied discs (x, y, r)
         background = tuple(rng.randint(215, 245) for _ in range(3))
         self.image = Image.new("RGB", (size, size), background)
@@ -119,6 +121,7 @@ class _Scene:
         font = ImageFont.load_default(size=max(8, int(box * 0.8)))
         self.draw.text((x, y), character, fill=(10, 10, 10), font=font, anchor="mm")
         self.boxes.append((x, y, box * 0.75))
+        self.characters.append({"shape": "text", "colour": "white", "x": x, "y": y, "radius": box / 2, "character": character})
 
     def distractors(self, count: int, avoid: Iterable[tuple[str, str]] = ()) -> None:
         avoid = set(avoid)
@@ -191,6 +194,7 @@ def generate(
         objects = [{**asdict(shape), "shape": shape.kind} for shape in scene.shapes]
         for item in objects:
             item.pop("kind")
+        objects += scene.characters
         records.append(Record(i, scene.image, question, answer, kind, objects))
     return records
 

@@ -144,8 +144,12 @@ def evaluate(
     warmup: int = 1,
     loyalty: bool = True,
     score: Callable[[str, str], bool] | None = None,
+    reference: dict | None = None,
 ) -> dict:
     """Score `pruner` (a name, a pruner object, or None for the unpruned model) on `records`.
+
+    `reference`: the result of an earlier unpruned `evaluate` on the same records and settings; when given, loyalty
+    and the unpruned numbers come from it instead of a fresh unpruned run (sweeps measure the baseline once).
 
     Returns a JSON-ready dict; see the module docstring for how each number is measured.
     """
@@ -181,8 +185,19 @@ def evaluate(
             "prefill_tflops": statistics.mean(prefill_flops(n, hidden, ffn, layers) for n in lengths) / 1e12,
         }
 
-    baseline = measure("unpruned") if (loyalty or pruner is None) else None
-    if pruner is None or pruner == "none":
+    unpruned = pruner is None or pruner == "none"
+    if reference is not None:
+        if reference.get("pruner") != "none" or reference.get("samples") != len(records):
+            raise ValueError("reference must be an unpruned evaluate() result on the same records")
+        if unpruned:
+            return reference
+        baseline = {key: reference[key] for key in ("prefill_ms", "end_to_end_ms", "peak_memory_mb", "prefill_tflops")}
+        baseline["predictions"] = [p["prediction"] for p in reference["predictions"]]
+    elif loyalty or unpruned:
+        baseline = measure("unpruned")
+    else:
+        baseline = None
+    if unpruned:
         run, name, hparams, budget = baseline, "none", {}, None
     else:
         handle = apply(model, pruner, keep=keep, ratio=ratio, positions=positions, **(options or {}))

@@ -41,12 +41,29 @@ def _byte_symbols() -> list[str]:
     return [chr(by_byte[b]) for b in range(256)]
 
 
-def byte_level_tokenizer(special_tokens: list[str], chat_template: str | None = None, pad_token: str = "<pad>", eos_token: str = "</s>"):
-    """A byte-level BPE tokenizer with the 256 byte symbols plus `special_tokens`, built without any file."""
+def byte_level_tokenizer(
+    special_tokens: list[str],
+    chat_template: str | None = None,
+    pad_token: str = "<pad>",
+    eos_token: str = "</s>",
+    words: list[str] = (),
+):
+    """A byte-level BPE tokenizer with the 256 byte symbols plus `special_tokens`, built without any file.
+
+    `words`: pre-tokenised words (in byte symbols, e.g. ``"Ġcircle"``) that get merge rules, so frequent words
+    become one token (shorter sequences for a model trained on a known vocabulary); any text still round-trips.
+    """
     from transformers import Qwen2Tokenizer
 
     vocab = {sym: i for i, sym in enumerate(_byte_symbols())}
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=eos_token, eos_token=eos_token, pad_token=pad_token)
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        for end in range(2, len(word) + 1):
+            prefix, last = word[: end - 1], word[end - 1]
+            if prefix + last not in vocab:
+                vocab[prefix + last] = len(vocab)
+                merges.append((prefix, last))
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=eos_token, eos_token=eos_token, pad_token=pad_token)
     tokenizer.add_special_tokens({"additional_special_tokens": [t for t in special_tokens if t not in (pad_token, eos_token)]})
     tokenizer.add_special_tokens({"pad_token": pad_token, "eos_token": eos_token})
     if chat_template is not None:
