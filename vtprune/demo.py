@@ -1,80 +1,141 @@
-"""The main job, for now: every registered pruner on a small offline LLaVA-1.5, tokens before/after and time.
+"""The main job: every pruner at three budgets on vtprune's embedded trained model, scored for real.
 
-The model is a random-weight LLaVA-1.5 with real CLIP-336/14 geometry (576 visual tokens per image) and tiny
-widths, so this runs anywhere in seconds and shows what each pruner does to the LLM input; accuracy numbers
-need trained weights (a later release embeds a small trained model).
+    python -m vtprune.demo                           # or `make demo` / `vtprune-demo`; writes vtprune-demo/
+    python -m vtprune.demo --size 60 --pruners fastervlm random --budgets 36 18 --out /tmp/demo
 
-    python -m vtprune.demo --budgets 64 144 --images 2
+The embedded model (`vtprune.models.load_embedded`, trained by `eval/train_embedded.py`) is a small
+LLaVA-1.5-style VLM with 144 visual tokens per image that answers the synthetic benchmark
+(`vtprune.eval.synthetic`, held-out seed 1000). The default budgets are 25%, 12.5% and 6% of those tokens. The
+unpruned model is measured once; each (pruner, budget) is then scored on the same records with the harness
+(`vtprune.harness.evaluate`). The job prints a table (accuracy, % of unpruned, visual tokens, prefill
+speed-up, ...) and writes to `--out`:
+
+- ``results.json`` (every harness result), ``report.md`` (the table), ``accuracy.png`` and ``latency.png``;
+- ``overlays/<record>_<pruner>.png`` for the first `--overlays` records at the middle budget, plus
+  ``overlays/<record>.png``, the original and every pruner side by side.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-
-def _time(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - started)
-    return best
+DEFAULT_FRACTIONS = (0.25, 0.125, 0.06)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def _montage(original, panels: list[tuple[str, object]], out: Path) -> Path:
+    """The original and each labelled overlay side by side (all panels have the original's size)."""
+    from PIL import Image, ImageDraw
+
+    width, height = original.size
+    label = 14
+    sheet = Image.new("RGB", (width * (1 + len(panels)), height + label), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for column, (name, image) in enumerate([("original", original)] + panels):
+        sheet.paste(image, (column * width, label))
+        draw.text((column * width + 3, 1), name, fill=(0, 0, 0))
+    sheet.save(out)
+    return out
+
+
+def write_overlays(model, processor, records, pruners: list[str], keep: int, folder: Path) -> list[Path]:
+    """One overlay per (record, pruner) at `keep`, and one montage per record."""
+    from . import apply
+    from .harness import make_inputs
+    from .overlay import visualize
+
+    folder.mkdir(parents=True, exist_ok=True)
+    inputs = make_inputs(model, processor, records)
+    panels: list[list[tuple[str, object]]] = [[] for _ in records]
+    written = []
+    for name in pruners:
+        with apply(model, name, keep=keep) as handle, torch.no_grad():
+            model(**inputs)
+            for index, (record, stats) in enumerate(zip(records, handle.stats)):
+                overlay = visualize(record.image, stats)
+                path = folder / f"{record.id:06d}_{name}.png"
+                overlay.save(path)
+                written.append(path)
+                panels[index].append((f"{name} ({stats.tokens_out})", overlay))
+    for record, row in zip(records, panels):
+        written.append(_montage(record.image, row, folder / f"{record.id:06d}.png"))
+    return written
+
+
+def main(argv: list[str] | None = None) -> dict:
     import vtprune
-    from vtprune.testing import random_images, tiny_llava
+
+    from .eval.synthetic import generate
+    from .harness import evaluate
+    from .models import embedded_model_path, load_embedded
+    from .report import plots, table
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budgets", type=int, nargs="+", default=[64, 144, 288], help="visual tokens kept per image")
-    parser.add_argument("--images", type=int, default=2, help="images in the batch (one per prompt)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions (minimum reported)")
+    parser.add_argument("--model", choices=("auto", "embedded", "tiny"), default="auto",
+                        help="embedded: the shipped trained model; tiny: the random-weight tiny LLaVA-1.5 (accuracy "
+                             "is meaningless); auto: embedded when it is shipped, else tiny (default)")
+    parser.add_argument("--out", default="vtprune-demo", help="output folder (default: vtprune-demo)")
+    parser.add_argument("--size", type=int, default=240, help="benchmark records (cycling through the 6 types)")
+    parser.add_argument("--seed", type=int, default=1000, help="benchmark seed (the model never trained on it)")
+    parser.add_argument("--image-size", type=int, default=336, help="rendered image side in pixels")
+    parser.add_argument("--budgets", type=int, nargs="+", default=None, help="visual tokens kept per image (default: 25%%, 12.5%%, 6%%)")
     parser.add_argument("--pruners", nargs="+", default=None, help="default: every registered pruner")
+    parser.add_argument("--batch-size", type=int, default=40)
+    parser.add_argument("--timing-repeats", type=int, default=3, help="prefill latency: min over this many runs")
+    parser.add_argument("--overlays", type=int, default=3, help="records to draw overlays for")
     args = parser.parse_args(argv)
 
-    model, processor = tiny_llava()
-    processor.tokenizer.padding_side = "left"
-    questions = ["What is in the picture?", "How many shapes are there?", "Which colour dominates?", "Describe it."]
-    prompts = [f"USER: <image>\n{questions[i % len(questions)]} ASSISTANT:" for i in range(args.images)]
-    inputs = processor(images=random_images(args.images), text=prompts, return_tensors="pt", padding=True)
-    names = args.pruners or vtprune.list_pruners()
+    started = time.perf_counter()
+    model_name = args.model
+    if model_name == "auto":
+        try:
+            embedded_model_path()
+            model_name = "embedded"
+        except FileNotFoundError:
+            model_name = "tiny"
+            print("vtprune demo: the embedded trained model is not shipped in this build (issue 6); running the "
+                  "random-weight tiny LLaVA-1.5 instead, so accuracy numbers are meaningless")
+    if model_name == "embedded":
+        model, processor = load_embedded()
+    else:
+        from .testing import tiny_llava
 
-    with torch.no_grad():
-        baseline_ms = 1000 * _time(lambda: model(**inputs), args.repeats)
-    baseline_len = inputs["input_ids"].shape[1]
-    rows = []
-    for name in tqdm([(n, k) for n in names for k in args.budgets], desc="pruners x budgets", leave=False):
-        pruner, keep = name
-        with vtprune.apply(model, pruner, keep=keep) as handle, torch.no_grad():
-            forward_ms = 1000 * _time(lambda: model(**inputs), args.repeats)
-            rows.append(
-                {
-                    "pruner": pruner,
-                    "keep": keep,
-                    "tokens_in": [s.tokens_in for s in handle.stats],
-                    "tokens_out": [s.tokens_out for s in handle.stats],
-                    "llm_length": handle.last_sequence.inputs_embeds.shape[1],
-                    "selection_ms": 1000 * handle.selection_time,
-                    "forward_ms": forward_ms,
-                }
-            )
+        model, processor = tiny_llava()
+    tokens = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    budgets = args.budgets or [max(1, round(f * tokens)) for f in DEFAULT_FRACTIONS]
+    pruners = args.pruners or vtprune.list_pruners()
+    records = generate(args.size, seed=args.seed, image_size=args.image_size)
+    settings = dict(batch_size=args.batch_size, max_new_tokens=10, timing_repeats=args.timing_repeats, warmup=1)
 
-    print(f"tiny LLaVA-1.5 (random weights, CLIP-336/14 grid), batch of {args.images}, min of {args.repeats} runs")
-    print(f"unpruned: {baseline_len} LLM tokens per row, forward {baseline_ms:.1f} ms\n")
-    header = f"{'pruner':<10} {'keep':>5} {'visual tokens/image':>20} {'LLM length':>11} {'selection ms':>13} {'forward ms':>11}"
-    print(header)
-    print("-" * len(header))
-    for row in rows:
-        visual = f"{row['tokens_in'][0]} -> {row['tokens_out'][0]}"
-        print(
-            f"{row['pruner']:<10} {row['keep']:>5} {visual:>20} {baseline_len:>4} -> {row['llm_length']:<4}"
-            f" {row['selection_ms']:>13.1f} {row['forward_ms']:>11.1f}"
-        )
-    return rows
+    baseline = evaluate(model, processor, records, None, **settings)
+    results = [baseline]
+    for name, keep in tqdm([(n, k) for n in pruners for k in budgets], desc="pruners x budgets"):
+        results.append(evaluate(model, processor, records, name, keep=keep, reference=baseline, **settings))
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    text = table(results)
+    images = plots(results, out)
+    overlay_budget = sorted(budgets)[len(budgets) // 2]
+    overlays = write_overlays(model, processor, records[: args.overlays], pruners, overlay_budget, out / "overlays") if args.overlays else []
+    (out / "report.md").write_text(
+        f"# vtprune main job: {model_name} model, {len(records)} held-out records (seed {args.seed})\n\n{text}\n"
+        + "".join(f"![{p.stem}]({p.name})\n" for p in images)
+    )
+    by_type = "  ".join(f"{t} {a:.2f}" for t, a in baseline["accuracy_by_type"].items())
+    print(f"\nvtprune {model_name} model ({tokens} visual tokens per image), {len(records)} held-out records, "
+          f"batch {args.batch_size}, prefill latency min of {args.timing_repeats}, {torch.get_num_threads()} threads")
+    print(f"unpruned accuracy {baseline['accuracy']:.3f} ({by_type})\n")
+    print(text)
+    print(f"wrote {out}/results.json, report.md, {', '.join(p.name for p in images)} and {len(overlays)} overlays "
+          f"(at {overlay_budget} tokens) in {time.perf_counter() - started:.0f} s")
+    return {"results": results, "overlays": [str(p) for p in overlays], "out": str(out)}
 
 
 if __name__ == "__main__":

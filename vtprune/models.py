@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -14,7 +15,38 @@ TINY_BUILDERS = {
     "qwen2_vl": lambda seed: __import__("vtprune.testing", fromlist=["tiny_qwen_vl"]).tiny_qwen_vl("2", seed=seed),
     "qwen2_5_vl": lambda seed: __import__("vtprune.testing", fromlist=["tiny_qwen_vl"]).tiny_qwen_vl("2.5", seed=seed),
 }
-SOURCES = ("tiny", "hub", "path")
+SOURCES = ("embedded", "tiny", "hub", "path")
+EMBEDDED_MODEL = "vtprune-tiny-llava"
+
+
+def embedded_model_path() -> Path:
+    """The folder of the embedded trained model (shipped in the package as ``vtprune.assets``)."""
+    from importlib.resources import files
+
+    try:
+        path = Path(str(files("vtprune.assets") / EMBEDDED_MODEL))
+    except ModuleNotFoundError:  # an install that predates vtprune.assets
+        path = Path(__file__).resolve().parents[1] / "assets" / EMBEDDED_MODEL
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no embedded model in {path}: this build of vtprune does not ship it yet (issue 6); train one with "
+            "`python eval/train_embedded.py --out assets/vtprune-tiny-llava`, or use model=tiny_llava"
+        )
+    return path
+
+
+def load_embedded(dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """``(model, processor)``: vtprune's small trained LLaVA-1.5-style model (see assets/README.md).
+
+    A `LlavaForConditionalGeneration` (CLIP-style ViT with CLS, 192 px / 16 px patches = 144 visual tokens, Llama
+    decoder) trained on `vtprune.eval.synthetic` by `eval/train_embedded.py`, loaded with `from_pretrained`. It is
+    stored in float16 and upcast to `dtype`.
+    """
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    path = embedded_model_path()
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
+    return model, AutoProcessor.from_pretrained(path)
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -36,6 +68,8 @@ def load_model(spec: Mapping[str, Any]):
     if source not in SOURCES:
         raise ConfigError(f"model.source must be one of {SOURCES}, got {source!r}")
     dtype, device = _dtype(spec.get("dtype", "float32")), _device(spec.get("device", "cpu"))
+    if source == "embedded":
+        return load_embedded(dtype, device)
     if source == "tiny":
         family = spec.get("family")
         if family not in TINY_BUILDERS:
@@ -49,8 +83,6 @@ def load_model(spec: Mapping[str, Any]):
     if not location:
         raise ConfigError(f"model.{'name' if source == 'hub' else 'path'} is required for source={source!r}")
     if source == "path":
-        from pathlib import Path
-
         if not Path(location).is_dir():
             raise FileNotFoundError(f"model.path {location!r} is not a folder saved with save_pretrained")
     class_name = spec.get("class", "auto")

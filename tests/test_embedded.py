@@ -1,0 +1,169 @@
+"""The embedded trained model: it loads from assets/, answers the held-out benchmark, and pruning costs what the
+pruners' quality says it should; the main job's pipeline; the training script.
+
+The tests that need the trained model skip, with the reason, while `assets/` does not ship it (issue 6)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import vtprune
+from vtprune.eval import synthetic
+from vtprune.harness import answer
+from vtprune.models import EMBEDDED_MODEL, embedded_model_path, load_embedded
+
+HELD_OUT = 120  # 20 records per question type, seed 1000 (the benchmark config's seed; training never used it)
+
+
+def _shipped() -> bool:
+    try:
+        embedded_model_path()
+        return True
+    except FileNotFoundError:
+        return False
+
+
+needs_embedded = pytest.mark.skipif(
+    not _shipped(),
+    reason="the embedded trained model is not shipped yet (issue 6: eval/train_embedded.py does not reach the accuracy target yet)",
+)
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    model, processor = load_embedded()
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    return synthetic.generate(HELD_OUT, seed=1000, image_size=336)
+
+
+def _accuracy(model, processor, records, pruner=None, keep=None) -> tuple[float, dict]:
+    if pruner is None:
+        predictions, _, _ = answer(model, processor, records, batch_size=40, max_new_tokens=10)
+    else:
+        with vtprune.apply(model, pruner, keep=keep) as handle:
+            predictions, stats, _ = answer(model, processor, records, batch_size=40, max_new_tokens=10, handle=handle)
+        assert all(s.tokens_out == keep for s in stats)
+    correct = [synthetic.is_correct(p, r.answer) for p, r in zip(predictions, records)]
+    per_type: dict[str, list[bool]] = {}
+    for ok, record in zip(correct, records):
+        per_type.setdefault(record.type, []).append(ok)
+    return sum(correct) / len(correct), {t: sum(v) / len(v) for t, v in per_type.items()}
+
+
+@pytest.fixture(scope="module")
+def unpruned_accuracy(embedded, held_out):
+    return _accuracy(*embedded, held_out)
+
+
+@needs_embedded
+def test_loads_from_assets_with_from_pretrained(embedded):
+    model, processor = embedded
+    path = embedded_model_path()
+    assert path.name == EMBEDDED_MODEL and Path(path, "model.safetensors").is_file()
+    size_mb = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 2**20
+    assert size_mb <= 25, f"embedded model folder is {size_mb:.1f} MB"
+    assert type(model).__name__ == "LlavaForConditionalGeneration" and model.dtype == torch.float32
+    vision = model.config.vision_config
+    assert (vision.image_size // vision.patch_size) ** 2 >= 144
+    assert model.config.vision_config.model_type == "clip_vision_model"  # a CLS token for the CLS-based pruners
+    inputs = processor(images=[synthetic.generate(1, seed=5)[0].image], text=["USER: <image>\nHi ASSISTANT:"], return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 144
+
+
+@needs_embedded
+def test_unpruned_accuracy_on_held_out_records(unpruned_accuracy):
+    overall, per_type = unpruned_accuracy
+    assert overall >= 0.90, per_type
+    assert set(per_type) == set(synthetic.QUESTION_TYPES)
+    assert min(per_type.values()) >= 0.80, per_type
+
+
+@needs_embedded
+def test_pruning_at_25_percent_keeps_95_percent_of_accuracy(embedded, held_out, unpruned_accuracy):
+    model, processor = embedded
+    keep = 36  # 25% of 144
+    scores = {name: _accuracy(model, processor, held_out, name, keep)[0] for name in ("fastervlm", "hiprune", "visionzip", "divprune")}
+    best = max(scores.values())
+    assert best >= 0.95 * unpruned_accuracy[0], scores
+
+
+@needs_embedded
+def test_random_is_measurably_worse_than_the_best_at_12_5_percent(embedded, held_out):
+    model, processor = embedded
+    keep = 18  # 12.5% of 144
+    scores = {name: _accuracy(model, processor, held_out, name, keep)[0] for name in ("fastervlm", "visionzip", "random")}
+    best = max(v for k, v in scores.items() if k != "random")
+    assert scores["random"] <= best - 0.10, scores
+
+
+@pytest.mark.parametrize("model", [pytest.param("embedded", marks=needs_embedded), "tiny"])
+def test_main_job_pipeline_on_a_reduced_setting(tmp_path, capsys, model):
+    import json
+
+    from PIL import Image
+
+    from vtprune import demo
+
+    pruners = ["fastervlm", "visionzip", "random"]
+    tokens = 144 if model == "embedded" else 576
+    budgets = (tokens // 4, tokens // 8)
+    demo.main(["--model", model, "--out", str(tmp_path), "--size", "12", "--pruners", *pruners, "--budgets",
+               *map(str, budgets), "--timing-repeats", "1", "--overlays", "2", "--batch-size", "12"])
+    printed = capsys.readouterr().out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["pruner"], r["visual_tokens_out"]["mean"]) for r in results] == [("none", float(tokens))] + [
+        (name, float(keep)) for name in pruners for keep in budgets
+    ]
+    for row in results[1:]:
+        assert row["unpruned"]["accuracy"] == results[0]["accuracy"] and 0.0 <= row["loyalty"] <= 1.0
+        assert row["prefill_ms"] > 0 and row["unpruned"]["prefill_ms"] == results[0]["prefill_ms"]
+    assert "% of unpruned" in printed and "speed-up" in printed
+    assert f"| fastervlm | keep={budgets[0]} | {budgets[0]} |" in printed
+    assert (tmp_path / "report.md").read_text().count("| random |") == 2
+    for plot in ("accuracy.png", "latency.png"):
+        assert Image.open(tmp_path / plot).size[0] > 100
+    records = synthetic.generate(2, seed=1000, image_size=336)
+    for record in records:
+        for name in pruners:
+            overlay = Image.open(tmp_path / "overlays" / f"{record.id:06d}_{name}.png")
+            assert overlay.size == record.image.size
+            assert overlay.tobytes() != record.image.tobytes()  # dropped tokens are dimmed
+        montage = Image.open(tmp_path / "overlays" / f"{record.id:06d}.png")
+        assert montage.size[0] == record.image.size[0] * (1 + len(pruners))
+
+
+def test_training_script_runs_end_to_end_and_saves_a_loadable_model(tmp_path):
+    import importlib.util
+    import json
+
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    spec = importlib.util.spec_from_file_location("train_embedded", Path(__file__).parents[1] / "eval" / "train_embedded.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    out = tmp_path / "model"
+    summary = train.main(["--out", str(out), "--save-vision", str(tmp_path / "stage1"), "--vision-steps", "1",
+                          "--vision-batch", "4", "--language-steps", "1", "--language-batch", "4", "--eval-size", "6"])
+    assert set(summary["held_out_accuracy"]) == set(synthetic.QUESTION_TYPES) | {"all"}
+    assert json.loads((out / "training.json").read_text())["parameters"] == summary["parameters"]
+    model = LlavaForConditionalGeneration.from_pretrained(out)
+    processor = AutoProcessor.from_pretrained(out)
+    assert model.dtype == torch.float16 and summary["size_mb"] <= 25
+    # The tokenizer merges the benchmark's words, yet any text round-trips.
+    prompt = "USER: <image>\nHow many red circles are there? ASSISTANT: 3</s>"
+    ids = processor.tokenizer(prompt)["input_ids"]
+    assert processor.tokenizer.decode(ids) == prompt and len(ids) < len(prompt) // 2
+    odd = "Zebra \u00fc 123"
+    assert processor.tokenizer.decode(processor.tokenizer(odd)["input_ids"]) == odd
+    image = synthetic.generate(1, seed=7)[0].image
+    inputs = processor(images=[image], text=["USER: <image>\nHi ASSISTANT:"], return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == train.GRID**2
+    # Stage 2 alone from the stage-1 folder (the documented way to rerun it).
+    again = train.main(["--out", str(tmp_path / "again"), "--init-vision", str(tmp_path / "stage1"), "--vision-steps", "0",
+                        "--language-steps", "1", "--language-batch", "4", "--eval-size", "6"])
+    assert [h["stage"] for h in again["history"]] == [2]
