@@ -442,16 +442,7 @@ class LlavaNextIntegration(LlavaIntegration):
 
     # ------------------------------------------------------------------ in-encoder merging (DyMU and alike)
     def _crops(self, pixel_values: torch.Tensor, image_sizes) -> tuple[torch.Tensor, list[int]]:
-        """The tower batch ``[crops, C, H, W]`` (every image's crops in order) and the crops of each image."""
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-        crop_size = self.model.config.vision_config.image_size
-        counts = [image_size_to_num_patches(size, grid_pinpoints=self._pinpoints, patch_size=crop_size) for size in image_sizes]
-        if pixel_values.dim() == 5:
-            pixel_values = torch.cat([pv[:count] for pv, count in zip(pixel_values, counts)], dim=0)
-        if pixel_values.dim() != 4 or pixel_values.shape[0] != sum(counts):
-            raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)} do not match image_sizes ({sum(counts)} crops)")
-        return pixel_values, counts
+        return self.crop_batch({"pixel_values": pixel_values, "image_sizes": image_sizes})
 
     def calibration_pixels(self, images, processor) -> torch.Tensor:
         """Every anyres crop of every image (base and sub-crops): DyMU merges each crop separately."""

@@ -153,6 +153,8 @@ def test_calibrated_presets_reduce_tokens(llava, calibrated, images, tmp_path):
                 first = torch.full((stat.tokens_out,), 576).scatter_reduce(0, stat.assignment, torch.arange(576), "amin")
                 assert torch.equal(first, stat.order)
                 assert stat.extra["tokens_per_block"][-1] == stat.tokens_out
+    overlay = vtprune.visualize(images[2].resize((336, 336)), stat)  # the merge groups, drawn for overlays
+    assert overlay.size == (336, 336)
     for i in range(4):
         assert counts["low"][i] < counts["mid"][i] < counts["high"][i] < 576
     # The preset targets hold on average on new images (within a loose band: 4 images, random weights).
@@ -335,12 +337,17 @@ def next_batch(llava_next):
     return make_inputs(llava_next[1], PROMPTS, images)
 
 
-@pytest.mark.parametrize("vtu", [False, True])
-def test_next_infinite_thresholds_are_bit_exact(llava_next, next_batch, vtu):
+@pytest.fixture(scope="module")
+def next_reference(llava_next, next_batch):
     model, _ = llava_next
     with torch.no_grad():
-        reference = model(**next_batch).logits
-        ref_generate = model.generate(**next_batch, max_new_tokens=3, do_sample=False)
+        return model(**next_batch).logits, model.generate(**next_batch, max_new_tokens=3, do_sample=False)
+
+
+@pytest.mark.parametrize("vtu", [False, True])
+def test_next_infinite_thresholds_are_bit_exact(llava_next, next_batch, next_reference, vtu):
+    model, _ = llava_next
+    reference, ref_generate = next_reference
     with vtprune.apply(model, "dymu", thresholds=math.inf, vtu=vtu) as handle, torch.no_grad():
         assert torch.equal(model(**next_batch).logits, reference)
         assert torch.equal(model.generate(**next_batch, max_new_tokens=3, do_sample=False), ref_generate)
@@ -408,3 +415,17 @@ def test_timm_avg_pool_is_size_weighted():
         sizes = torch.bincount(stat.assignment).float()
         expected = model.fc_norm((features[0, : stat.tokens_out] * sizes[:, None]).sum(0) / sizes.sum())
         assert stat.tokens_out < 49 and torch.allclose(pooled[0], expected, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- harness
+def test_harness_runs_dymu_from_a_thresholds_file(llava, calibrated, tmp_path):
+    from vtprune.eval.synthetic import generate
+    from vtprune.harness import evaluate
+
+    model, processor = llava
+    path = calibrated["low"].save(tmp_path / "low.json")
+    result = evaluate(model, processor, generate(2, seed=5), "dymu", options={"thresholds": str(path), "vtu": True},
+                      batch_size=2, max_new_tokens=2, timing_repeats=1, warmup=0, loyalty=False)
+    assert result["pruner"] == "dymu" and result["hparams"]["vtu"] is True
+    assert result["visual_tokens_in"]["mean"] == 576 and result["visual_tokens_out"]["max"] < 576
+    assert model.__dict__.get("_vtprune_handle") is None
