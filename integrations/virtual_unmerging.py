@@ -105,6 +105,9 @@ class VirtualUnmerging:
         self.mask2d = mask if torch.is_tensor(mask) and mask.ndim == 2 else None
         if cache is None or cache.get_seq_length() == 0:  # a prefill: virtual only if announced
             vmap, self.pending = self.pending, None
+            tokens = kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None else kwargs.get("input_ids")
+            if vmap is not None and (tokens is None or tuple(tokens.shape[:2]) != (vmap.index.shape[0], vmap.real_length)):
+                vmap = None  # announced for a call that never reached the decoder (it failed earlier)
             self.active = None if vmap is None or vmap.is_identity else vmap
             self.side = {}
             self.cache_ref = weakref.ref(cache) if cache is not None else None

@@ -429,3 +429,30 @@ def test_harness_runs_dymu_from_a_thresholds_file(llava, calibrated, tmp_path):
     assert result["pruner"] == "dymu" and result["hparams"]["vtu"] is True
     assert result["visual_tokens_in"]["mean"] == 576 and result["visual_tokens_out"]["max"] < 576
     assert model.__dict__.get("_vtprune_handle") is None
+
+
+def test_siglip_style_encoder_without_cls():
+    """SigLIP's encoder layers run through the same CLIP-style runner, with nothing protected."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    from vtprune.integrations.encoder_merging import ClipStyleBlocks, run_merging_blocks
+    from vtprune.pruners.dymu import DyMU
+
+    config = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                image_size=112, patch_size=14)
+    torch.manual_seed(0)
+    model = SiglipVisionModel(config).eval()
+    model.set_attn_implementation("sdpa")
+    tower = getattr(model, "vision_model", model)  # transformers 5 flattens the vision model
+    pixels = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(1))
+    pixels[1] = 0.3  # a flat image
+    with torch.no_grad():
+        hidden = tower.embeddings(pixels)
+        reference = tower.encoder(hidden).last_hidden_state
+        runner = ClipStyleBlocks(tower.encoder.layers, "sdpa")
+        state, _ = run_merging_blocks(runner, hidden, DyMU(thresholds=math.inf), 3, protected=0)
+        assert torch.equal(state.x, reference)
+        state, history = run_merging_blocks(runner, hidden, DyMU(thresholds=0.9), 3, protected=0)
+        counts = state.counts.tolist()
+        assert counts[1] < counts[0] <= 64 and int(history[0][1]) < 64
+        assert torch.equal(torch.unique(state.where[1]), torch.arange(counts[1]))  # every token in a group

@@ -101,7 +101,8 @@ def calibrate(
     from tqdm import tqdm
 
     seen = 0
-    bar = tqdm(desc=f"calibrating {method}", unit="img", disable=not progress)
+    total = len(images) if hasattr(images, "__len__") else None
+    bar = tqdm(desc=f"calibrating {method}", unit="img", total=total, disable=not progress)
     try:
         with torch.no_grad():
             for batch in _batches(images, batch_size):

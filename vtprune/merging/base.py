@@ -14,9 +14,17 @@ from typing import ClassVar
 
 import torch
 
+from ..budget import Budget
 from ..pruners.base import Pruner
 from ..tokens import Reduction, VisualTokens
 from .dtome import MergeState
+
+
+class DynamicBudget(Budget):
+    """No keep/ratio: the number of tokens follows each image (reported as "dynamic")."""
+
+    def __str__(self) -> str:
+        return "dynamic"
 
 
 class EncoderMerger(Pruner):
@@ -32,6 +40,7 @@ class EncoderMerger(Pruner):
 
     def __init__(self) -> None:
         super().__init__()
+        self.budget = DynamicBudget()
         self.merge_seconds = 0.0
 
     def begin(self, blocks: int) -> None:
