@@ -354,10 +354,16 @@ def test_next_infinite_thresholds_are_bit_exact(llava_next, next_batch, next_ref
         assert [s.tokens_out for s in handle.stats] == [s.tokens_in for s in handle.stats] == [1368, 1368, 1576]
 
 
-def test_next_merges_each_crop_and_packs(llava_next, next_batch):
+@pytest.fixture(scope="module")
+def next_thresholds(llava_next):
     model, processor = llava_next
-    thresholds = vtprune.calibrate(model, "dymu", random_images(2, seed=7), processor=processor, preset="mid",
-                                   batch_size=2, progress=False)
+    return vtprune.calibrate(model, "dymu", random_images(2, seed=7), processor=processor, preset="mid", batch_size=2,
+                             progress=False)
+
+
+def test_next_merges_each_crop_and_packs(llava_next, next_batch, next_thresholds):
+    model, processor = llava_next
+    thresholds = next_thresholds
     assert len(thresholds) == 3 and thresholds.meta["images"] == 2  # 4 CLIP blocks, features of block 2
     with vtprune.apply(model, "dymu", thresholds=thresholds, vtu=True) as handle, torch.no_grad():
         out = model.generate(**next_batch, max_new_tokens=2, do_sample=False)
@@ -456,3 +462,21 @@ def test_siglip_style_encoder_without_cls():
         counts = state.counts.tolist()
         assert counts[1] < counts[0] <= 64 and int(history[0][1]) < 64
         assert torch.equal(torch.unique(state.where[1]), torch.arange(counts[1]))  # every token in a group
+
+
+def test_next_vtu_equals_expanded_full_length_computation(llava_next, next_batch, next_thresholds):
+    """The same VTU reference as for LLaVA-1.5, over LLaVA-NeXT's packed sequence (newlines, unpadded crops)."""
+    model, _ = llava_next
+    inputs = dict(next_batch, position_ids=mask_positions(next_batch["attention_mask"]))
+    with vtprune.apply(model, "dymu", thresholds=next_thresholds, vtu=True) as handle, torch.no_grad():
+        logits = model(**inputs).logits
+        sequence, stats = handle.last_sequence, handle.stats
+        slots = find_image_slots(next_batch["input_ids"] == model.config.image_token_id, [s.tokens_in for s in stats])
+        vmap = build_virtual_map(
+            sequence.source, next_batch["attention_mask"], inputs["position_ids"], [s.row for s in slots],
+            [s.positions for s in slots], [s.assignment for s in stats],
+        )
+        assert vmap.index.shape[1] > sequence.inputs_embeds.shape[1]
+        reference = _reference_vtu_logits(model, sequence, vmap)
+    attended = sequence.attention_mask.bool()
+    assert torch.allclose(logits[attended], reference[attended], atol=1e-4, rtol=1e-4)
