@@ -106,6 +106,13 @@ class VirtualUnmerging:
         if cache is None or cache.get_seq_length() == 0:  # a prefill: virtual only if announced
             vmap, self.pending = self.pending, None
             tokens = kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None else kwargs.get("input_ids")
+            if vmap is not None and tokens is not None and not vmap.is_identity:
+                rows, length = tokens.shape[:2]
+                if length == vmap.real_length and rows != vmap.index.shape[0] and rows % vmap.index.shape[0] == 0:
+                    raise NotImplementedError(
+                        "vtu=True supports one sequence per prompt: beam search and num_return_sequences > 1 "
+                        "expand the batch after the merge; use vtu=False or num_beams=1"
+                    )
             if vmap is not None and (tokens is None or tuple(tokens.shape[:2]) != (vmap.index.shape[0], vmap.real_length)):
                 vmap = None  # announced for a call that never reached the decoder (it failed earlier)
             self.active = None if vmap is None or vmap.is_identity else vmap

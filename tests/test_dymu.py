@@ -244,6 +244,15 @@ def test_batch_equals_single_runs(llava, images, batch, calibrated, vtu):
             assert torch.allclose(batched[row][mask[row]], logits, atol=1e-4, rtol=1e-4)
 
 
+def test_vtu_refuses_beam_search(llava, batch, calibrated):
+    model, _ = llava
+    with vtprune.apply(model, "dymu", thresholds=calibrated["mid"], vtu=True), torch.no_grad():
+        with pytest.raises(NotImplementedError, match="one sequence per prompt"):
+            model.generate(**batch, max_new_tokens=2, num_beams=2, do_sample=False)
+    with vtprune.apply(model, "dymu", thresholds=calibrated["mid"], vtu=False), torch.no_grad():
+        assert model.generate(**batch, max_new_tokens=2, num_beams=2, do_sample=False).shape[0] == 3
+
+
 def test_text_only_call_after_vtu_call_is_unchanged(llava, batch, calibrated):
     model, processor = llava
     text = make_inputs(processor, ["USER: only text here ASSISTANT:"], [])
