@@ -1,13 +1,16 @@
-"""The main job: every pruner at three budgets on vtprune's embedded trained model, scored for real.
+"""The main job: every pruner at three budgets, scored on the synthetic benchmark.
 
     python -m vtprune.demo                           # or `make demo` / `vtprune-demo`; writes vtprune-demo/
     python -m vtprune.demo --size 60 --pruners fastervlm random --budgets 36 18 --out /tmp/demo
 
-The embedded model (`vtprune.models.load_embedded`, trained by `eval/train_embedded.py`) is a small
-LLaVA-1.5-style VLM with 144 visual tokens per image that answers the synthetic benchmark
-(`vtprune.eval.synthetic`, held-out seed 1000). The default budgets are 25%, 12.5% and 6% of those tokens. The
-unpruned model is measured once; each (pruner, budget) is then scored on the same records with the harness
-(`vtprune.harness.evaluate`). The job prints a table (accuracy, % of unpruned, visual tokens, prefill
+`--model embedded` runs vtprune's small trained VLM (`vtprune.models.load_embedded`, trained by
+`eval/train_embedded.py`; 144 visual tokens per image), which answers the benchmark for real. It is not
+shipped yet (issue 6), so `--model auto` (the default) falls back to the random-weight tiny LLaVA-1.5 of
+`vtprune.testing` and says so: the pipeline is the same, the accuracies are meaningless. The records are the
+held-out seed 1000, and the default budgets are 25%, 12.5% and 6% of the model's visual tokens.
+
+The unpruned model is measured once. Each (pruner, budget) is then scored on the same records with the
+harness (`vtprune.harness.evaluate`). The job prints a table (accuracy, % of unpruned, visual tokens, prefill
 speed-up, ...) and writes to `--out`:
 
 - ``results.json`` (every harness result), ``report.md`` (the table), ``accuracy.png`` and ``latency.png``;
