@@ -7,7 +7,8 @@ presets' targets then hold for it; the absolute thresholds do not transfer to a 
 images and measured images are disjoint: synthetic scenes (`vtprune.eval.synthetic`) and smooth random blobs
 (`vtprune.testing.random_images`) of different seeds.
 
-Timed, per image (batch 1), minimum of `--repeats` runs after one warm-up, fp32:
+Timed, per image (batch 1), minimum of `--repeats` runs after one warm-up round, fp32, interleaved (each round
+times every setting once, so load from other jobs on a shared machine hits all settings alike):
 - ``unpatched``: ``model.model.vision_tower(pixel_values, output_hidden_states=True)``, what the unpatched
   LLaVA runs (all 24 blocks);
 - ``dymu inf``: the DyMU encoder path with infinite thresholds (23 blocks, no merging);
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -47,19 +49,10 @@ def build_model(vision_layers: int = 24):
     return model
 
 
-def _min_time(fn, repeats: int) -> float:
-    fn()
-    best = math.inf
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - started)
-    return best
-
-
 def main(argv: list[str] | None = None) -> dict:
     import vtprune
     from vtprune.eval import synthetic
+    from vtprune.integrations.llava import LlavaIntegration
     from vtprune.testing import random_images, tiny_llava
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,6 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     measured = [r.image for r in synthetic.generate(4, seed=7)] + random_images(2, seed=8)
     pixels = processor.image_processor(images=measured, return_tensors="pt")["pixel_values"]
 
+    load_before = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     results: dict = {
         "geometry": "CLIP ViT-L/14-336: 24 blocks (23 run), width 1024, 16 heads, 576 patches; random weights",
         "threads": torch.get_num_threads(), "repeats": args.repeats, "statistic": "min", "dtype": "float32",
@@ -88,8 +82,6 @@ def main(argv: list[str] | None = None) -> dict:
     }
     with torch.no_grad():
         tower = model.model.vision_tower
-        results["ms"]["unpatched"] = [1000 * _min_time(lambda i=i: tower(pixels[i : i + 1], output_hidden_states=True), args.repeats)
-                                      for i in range(len(measured))]
         settings = {"inf": math.inf}
         for preset in PRESETS:
             started = time.perf_counter()
@@ -105,17 +97,25 @@ def main(argv: list[str] | None = None) -> dict:
                 "targets": settings[preset].meta["targets"], "values": settings[preset].values,
                 "calibration_seconds": time.perf_counter() - started, "calibration_images": settings[preset].meta["images"],
             }
+        images = [pixels[i : i + 1] for i in range(len(measured))]
+        runs = {"unpatched": [lambda image=image: tower(image, output_hidden_states=True) for image in images]}
         for name, thresholds in settings.items():
-            with vtprune.apply(model, "dymu", thresholds=thresholds) as handle:
-                integration = handle.integration
-                tokens, times = [], []
-                for i in range(len(measured)):
-                    image = pixels[i : i + 1]
-                    state, _ = integration.run_merging(image, handle.pruner)
-                    tokens.append(int(state.counts[0]) - 1)  # CLS excluded
-                    times.append(1000 * _min_time(lambda image=image: integration.run_merging(image, handle.pruner), args.repeats))
-                results["tokens"][name] = tokens
-                results["ms"][f"dymu {name}"] = times
+            merger = vtprune.create_pruner("dymu", thresholds=thresholds)
+            integration = LlavaIntegration(model, merger)
+            results["tokens"][name] = [int(integration.run_merging(image, merger)[0].counts[0]) - 1 for image in images]
+            runs[f"dymu {name}"] = [lambda image=image, i=integration, m=merger: i.run_merging(image, m) for image in images]
+        # Interleaved: every repeat times every setting once, so load from other jobs hits all settings alike.
+        best = {name: [math.inf] * len(images) for name in runs}
+        for repeat in range(args.repeats + 1):
+            for name, calls in runs.items():
+                for i, call in enumerate(calls):
+                    started = time.perf_counter()
+                    call()
+                    if repeat:  # the first round is the warm-up
+                        best[name][i] = min(best[name][i], 1000 * (time.perf_counter() - started))
+        results["ms"] = best
+        results["load_average_before"] = load_before
+        results["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     for line in report(results):
         print(line)
     if args.json:
@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def report(results: dict) -> list[str]:
     names = results["images"]
-    lines = [f"{results['geometry']}; {results['threads']} threads, min of {results['repeats']}, fp32", ""]
+    lines = [f"{results['geometry']}; {results['threads']} threads, min of {results['repeats']} (interleaved), fp32; "
+             f"load average before / after: {results.get('load_average_before')} / {results.get('load_average_after')}", ""]
     lines.append("| setting | " + " | ".join(names) + " | mean |")
     lines.append("|---" * (len(names) + 2) + "|")
     for name, tokens in results["tokens"].items():
