@@ -489,3 +489,55 @@ def test_next_vtu_equals_expanded_full_length_computation(llava_next, next_batch
         reference = _reference_vtu_logits(model, sequence, vmap)
     attended = sequence.attention_mask.bool()
     assert torch.allclose(logits[attended], reference[attended], atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- Qwen2-style LLM
+@pytest.fixture(scope="module")
+def llava_qwen2():
+    """The tiny LLaVA with a Qwen2 decoder (biased q/k/v projections) instead of Llama: VTU's other family."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
+
+    from vtprune.testing import _finish, tiny_llava
+
+    llama, processor = tiny_llava(seed=4)
+    text = llama.config.text_config
+    qwen2 = Qwen2Config(
+        vocab_size=text.vocab_size, hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
+        num_hidden_layers=text.num_hidden_layers, num_attention_heads=text.num_attention_heads,
+        num_key_value_heads=text.num_key_value_heads, max_position_embeddings=text.max_position_embeddings,
+        pad_token_id=text.pad_token_id, eos_token_id=text.eos_token_id, bos_token_id=None,
+    )
+    config = LlavaConfig(
+        vision_config=llama.config.vision_config, text_config=qwen2, image_token_id=llama.config.image_token_id,
+        vision_feature_layer=-2, vision_feature_select_strategy="default", pad_token_id=llama.config.pad_token_id,
+    )
+    torch.manual_seed(4)
+    model = LlavaForConditionalGeneration(config)
+    _finish(model, processor.tokenizer, "sdpa", seed=4)
+    assert type(model.model.language_model).__name__ == "Qwen2Model"
+    return model, processor
+
+
+def test_vtu_on_a_qwen2_decoder(llava_qwen2, images):
+    model, processor = llava_qwen2
+    batch = make_inputs(processor, PROMPTS, images[:3])
+    with torch.no_grad():
+        reference = model(**batch).logits
+    with vtprune.apply(model, "dymu", thresholds=math.inf, vtu=True), torch.no_grad():
+        assert torch.equal(model(**batch).logits, reference)
+
+    thresholds = vtprune.calibrate(model, "dymu", random_images(8, size=(320, 240), seed=11), processor=processor,
+                                   preset="low", batch_size=4, progress=False)
+    inputs = dict(batch, position_ids=mask_positions(batch["attention_mask"]))
+    with vtprune.apply(model, "dymu", thresholds=thresholds, vtu=True) as handle, torch.no_grad():
+        logits = model(**inputs).logits
+        sequence, stats = handle.last_sequence, handle.stats
+        slots = find_image_slots(batch["input_ids"] == model.config.image_token_id, [s.tokens_in for s in stats])
+        vmap = build_virtual_map(
+            sequence.source, batch["attention_mask"], inputs["position_ids"], [s.row for s in slots],
+            [s.positions for s in slots], [s.assignment for s in stats],
+        )
+        assert vmap.index.shape[1] > sequence.inputs_embeds.shape[1]  # tokens were merged
+        expected = _reference_vtu_logits(model, sequence, vmap)
+    attended = sequence.attention_mask.bool()
+    assert torch.allclose(logits[attended], expected[attended], atol=1e-4, rtol=1e-4)
