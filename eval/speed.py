@@ -328,17 +328,34 @@ class Case:
         """The keyword arguments of one call with one image, as the family's processor would give them."""
         raise NotImplementedError
 
-    def time_vision(self, inputs: dict, attention_layers: set[int], repeats: int) -> tuple[Any, list[float]]:
-        """Run the vision tower `repeats` times (capturing what the pruners read); return a cache and times."""
+    def encode_once(self, integration, inputs: dict, attention_layers: set[int]) -> "RunCache":
+        """One vision-tower pass through the integration's own encoder step, capturing what pruners read."""
         raise NotImplementedError
 
-    def install_cache(self, handle, cache) -> None:
-        """Make the patched model reuse the cached tower pass; everything after it runs as in real use."""
-        raise NotImplementedError
+    def time_vision(self, inputs: dict, attention_layers: set[int], repeats: int) -> tuple["RunCache", list[float]]:
+        """Run the vision tower `repeats` times; return the last pass and the times."""
+        integration = self.integration_class()(self.model, _any_pruner(), **self.apply_options)
+        times, cache = [], None
+        for _ in range(repeats):
+            start = clock(self.device)
+            cache = self.encode_once(integration, inputs, attention_layers)
+            times.append(clock(self.device) - start)
+        return cache, times
+
+    def install_cache(self, handle, cache: "RunCache") -> None:
+        """Make the patched model reuse the cached tower pass: the integration's own encode() still runs (and
+        everything after it), only its `run_encoder` returns the cached pass."""
+        handle.integration.run_encoder = lambda *args, **kwargs: cache.run
 
     def unpruned_llm_inputs(self, inputs: dict, cache) -> dict:
         """What the unpatched model computes after its tower: the LLM's ``inputs_embeds`` (and positions)."""
         raise NotImplementedError
+
+    def _splice(self, ids: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+        """Token embeddings of `ids` with `visual` scattered into the image placeholders, as the unpatched model."""
+        embeds = self.model.get_input_embeddings()(ids)
+        mask = (ids == self.image_token_id)[..., None].expand_as(embeds)
+        return embeds.masked_scatter(mask, visual.to(embeds.dtype))
 
     def expected_visual(self, cache, order: torch.Tensor) -> torch.Tensor:
         """LLM-space embeddings of the visual tokens `order`, recomputed independently of vtprune."""
@@ -395,8 +412,9 @@ class Case:
         return torch.randint(10, high, (count,), generator=generator)
 
 
-class LlavaRunCache:
-    """The cached tower pass: an `integrations.llava.EncoderRun` (features, CLS, captured block inputs)."""
+class RunCache:
+    """The cached tower pass: what the integration's `run_encoder` returned (LLaVA: an `EncoderRun` with
+    features, CLS and captured block inputs; Qwen: a `QwenEncoderRun` with the merged tokens)."""
 
     def __init__(self, run) -> None:
         self.run = run
@@ -476,45 +494,19 @@ class LlavaCase(Case):
             "pixel_values": torch.randn(1, 3, 336, 336, generator=g).to(self.device, self.dtype),
         }
 
-    def time_vision(self, inputs: dict, attention_layers: set[int], repeats: int) -> tuple[LlavaRunCache, list[float]]:
-        integration = self.integration_class()(self.model, _any_pruner())
-        times, cache = [], None
-        for _ in range(repeats):
-            start = clock(self.device)
-            run = integration.run_encoder(inputs["pixel_values"], -2, attention_layers)
-            times.append(clock(self.device) - start)
-            cache = LlavaRunCache(run=run)
-        return cache, times
+    def encode_once(self, integration, inputs: dict, attention_layers: set[int]) -> RunCache:
+        return RunCache(integration.run_encoder(inputs["pixel_values"], -2, attention_layers))
 
-    def install_cache(self, handle, cache: LlavaRunCache) -> None:
-        # The integration's own encode() runs; only its tower pass is replaced by the cached one.
-        handle.integration.run_encoder = lambda *args, **kwargs: cache.run
-
-    def unpruned_llm_inputs(self, inputs: dict, cache: LlavaRunCache) -> dict:
-        ids = inputs["input_ids"]
-        embeds = self.model.get_input_embeddings()(ids)
-        features = self.model.model.multi_modal_projector(cache.run.features)
-        mask = (ids == self.image_token_id)[..., None].expand_as(embeds)
-        embeds = embeds.masked_scatter(mask, features.to(embeds.dtype))
+    def unpruned_llm_inputs(self, inputs: dict, cache: RunCache) -> dict:
+        embeds = self._splice(inputs["input_ids"], self.model.model.multi_modal_projector(cache.run.features))
         return {"inputs_embeds": embeds, "attention_mask": inputs["attention_mask"]}
 
-    def expected_visual(self, cache: LlavaRunCache, order: torch.Tensor) -> torch.Tensor:
+    def expected_visual(self, cache: RunCache, order: torch.Tensor) -> torch.Tensor:
         return self.model.model.multi_modal_projector(cache.run.features[0][order.to(self.device)])
 
     def score_heads_and_length(self) -> tuple[int, int]:
         v = self.geometry["vision"]
         return v["heads"], 577
-
-
-class QwenRunCache:
-    """The cached ViT pass (`QwenVLIntegration.run_encoder`)."""
-
-    def __init__(self, run) -> None:
-        self.run = run
-
-    @property
-    def merged(self) -> torch.Tensor:
-        return self.run.merged
 
 
 class QwenCase(Case):
@@ -597,46 +589,33 @@ class QwenCase(Case):
             "image_grid_thw": grid.to(self.device),
         }
 
-    def time_vision(self, inputs: dict, attention_layers: set[int], repeats: int) -> tuple[QwenRunCache, list[float]]:
-        integration = self.integration_class()(self.model, _any_pruner())
-        times, cache = [], None
-        for _ in range(repeats):
-            start = clock(self.device)
-            run = integration.run_encoder(inputs["pixel_values"], inputs["image_grid_thw"], attention_layers)
-            times.append(clock(self.device) - start)
-            cache = QwenRunCache(run=run)
-        return cache, times
+    def encode_once(self, integration, inputs: dict, attention_layers: set[int]) -> RunCache:
+        return RunCache(integration.run_encoder(inputs["pixel_values"], inputs["image_grid_thw"], attention_layers))
 
-    def install_cache(self, handle, cache: QwenRunCache) -> None:
-        # The integration's own encode() runs; only its ViT pass is replaced by the cached one.
-        handle.integration.run_encoder = lambda *args, **kwargs: cache.run
-
-    def unpruned_llm_inputs(self, inputs: dict, cache: QwenRunCache) -> dict:
+    def unpruned_llm_inputs(self, inputs: dict, cache: RunCache) -> dict:
         ids = inputs["input_ids"]
-        embeds = self.model.get_input_embeddings()(ids)
-        mask = (ids == self.image_token_id)[..., None].expand_as(embeds)
-        embeds = embeds.masked_scatter(mask, cache.merged.to(embeds.dtype))
+        embeds = self._splice(ids, cache.run.merged)
         positions, _ = self.model.model.get_rope_index(
             ids, mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
             attention_mask=inputs["attention_mask"],
         )
         return {"inputs_embeds": embeds, "attention_mask": inputs["attention_mask"], "position_ids": positions}
 
-    def expected_visual(self, cache: QwenRunCache, order: torch.Tensor) -> torch.Tensor:
-        return cache.merged[order.to(self.device)]
+    def expected_visual(self, cache: RunCache, order: torch.Tensor) -> torch.Tensor:
+        return cache.run.merged[order.to(self.device)]
 
     def score_heads_and_length(self) -> tuple[int, int]:
         v = self.geometry["vision"]
         return v["num_heads"], self._side * self._side
 
 
-class LlavaNextRunCache:
+class LlavaNextRunCache(RunCache):
     """The cached tower pass over every crop (`LlavaIntegration.run_encoder` on `crop_batch`'s batch), the crop
     counts and image sizes, and the unpatched packed visual sequence for the identity check (filled on first
     use, outside every timed region)."""
 
     def __init__(self, run, crops_per_image: list[int], image_sizes: torch.Tensor) -> None:
-        self.run = run
+        super().__init__(run)
         self.crops_per_image = crops_per_image
         self.image_sizes = image_sizes
         self.packed: torch.Tensor | None = None
@@ -725,20 +704,12 @@ class LlavaNextCase(LlavaCase):
             "image_sizes": torch.tensor([self.image_size]).to(self.device),
         }
 
-    def time_vision(self, inputs: dict, attention_layers: set[int], repeats: int) -> tuple[LlavaNextRunCache, list[float]]:
-        integration = self.integration_class()(self.model, _any_pruner(), **self.apply_options)
-        times, cache = [], None
-        for _ in range(repeats):
-            start = clock(self.device)
-            pixel_values, crops_per_image = integration.crop_batch(inputs)
-            run = integration.run_encoder(pixel_values, -2, attention_layers)
-            times.append(clock(self.device) - start)
-            cache = LlavaNextRunCache(run=run, crops_per_image=crops_per_image, image_sizes=inputs["image_sizes"])
-        return cache, times
-
-    def install_cache(self, handle, cache: LlavaNextRunCache) -> None:
-        # The integration's own encode() runs (crop_batch, reduce_anyres); only its tower pass is the cached one.
-        handle.integration.run_encoder = lambda *args, **kwargs: cache.run
+    def encode_once(self, integration, inputs: dict, attention_layers: set[int]) -> LlavaNextRunCache:
+        # Timed as the unpatched model pays it: crop batching, then the tower over every crop. The patched
+        # model still runs its own crop_batch and reduce_anyres around the cached pass.
+        pixel_values, crops_per_image = integration.crop_batch(inputs)
+        run = integration.run_encoder(pixel_values, -2, attention_layers)
+        return LlavaNextRunCache(run=run, crops_per_image=crops_per_image, image_sizes=inputs["image_sizes"])
 
     def _unpatched_packed(self, cache: LlavaNextRunCache) -> torch.Tensor:
         """What the unpatched get_image_features does after its tower: the projector on every crop at once,

@@ -167,6 +167,20 @@ def scene_targets(record: synthetic.Record) -> dict[str, torch.Tensor]:
     return {"counts": counts, "thirds": thirds, "character": character, "patches": patches.flatten()}
 
 
+def stacked_targets(data: list[synthetic.Record]) -> dict[str, torch.Tensor]:
+    """`scene_targets` of a batch, each label stacked along a batch dimension."""
+    per_record = [scene_targets(r) for r in data]
+    return {key: torch.stack([t[key] for t in per_record]) for key in per_record[0]}
+
+
+def optimizer_step(loss: torch.Tensor, optimizer, scheduler, params: list[torch.nn.Parameter]) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    scheduler.step()
+
+
 class VisionHeads(torch.nn.Module):
     """Pretraining heads; discarded after stage 1."""
 
@@ -213,14 +227,9 @@ def train_vision(model, processor, heads: VisionHeads, steps: int, batch: int, l
     for step in progress:
         data = pretraining_scenes(batch, seed + TRAIN_SEED_OFFSET + 1, step * batch)
         pixels = processor.image_processor([r.image for r in data], return_tensors="pt")["pixel_values"]
-        targets = {k: torch.stack([scene_targets(r)[k] for r in data]) for k in ("counts", "thirds", "character", "patches")}
         out = tower(pixels, output_hidden_states=True)
-        loss, parts = heads.loss(out.pooler_output, out.hidden_states[feature_index][:, 1:], targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
+        loss, parts = heads.loss(out.pooler_output, out.hidden_states[feature_index][:, 1:], stacked_targets(data))
+        optimizer_step(loss, optimizer, scheduler, params)
         if step % 25 == 0 or step == steps - 1:
             progress.set_postfix(loss=f"{loss.item():.3f}", counts=f"{parts['acc_counts']:.2f}", char=f"{parts['acc_character']:.2f}")
             log({"stage": 1, "step": step, "loss": loss.item(), **parts})
@@ -280,15 +289,10 @@ def train_language(model, processor, heads: VisionHeads, steps: int, batch: int,
         loss = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], labels=inputs["labels"]).loss
         parts = {"answer": loss.item()}
         if tune_vision:
-            targets = {k: torch.stack([scene_targets(r)[k] for r in data]) for k in ("counts", "thirds", "character", "patches")}
-            auxiliary, _ = heads.loss(vision.pooler_output, vision.hidden_states[feature_index][:, 1:], targets)
+            auxiliary, _ = heads.loss(vision.pooler_output, vision.hidden_states[feature_index][:, 1:], stacked_targets(data))
             loss = loss + 0.5 * auxiliary
             parts["vision"] = auxiliary.item()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
+        optimizer_step(loss, optimizer, scheduler, params)
         if step % 25 == 0 or step == steps - 1:
             progress.set_postfix({k: f"{v:.3f}" for k, v in parts.items()})
             log({"stage": 2, "step": step, "loss": loss.item(), **parts})

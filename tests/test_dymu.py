@@ -189,10 +189,10 @@ def _reference_vtu_logits(model, sequence, vmap):
     return model.lm_head(lm.norm(hidden))
 
 
-def test_vtu_equals_expanded_full_length_computation(llava, batch, calibrated):
-    model, _ = llava
+def _vtu_against_reference(model, batch, thresholds):
+    """VTU logits and the expanded full-length reference on the same merged run, over the attended columns."""
     inputs = dict(batch, position_ids=mask_positions(batch["attention_mask"]))
-    with vtprune.apply(model, "dymu", thresholds=calibrated["low"], vtu=True) as handle, torch.no_grad():
+    with vtprune.apply(model, "dymu", thresholds=thresholds, vtu=True) as handle, torch.no_grad():
         logits = model(**inputs).logits
         sequence, stats = handle.last_sequence, handle.stats
         slots = find_image_slots(batch["input_ids"] == model.config.image_token_id, [s.tokens_in for s in stats])
@@ -203,11 +203,17 @@ def test_vtu_equals_expanded_full_length_computation(llava, batch, calibrated):
         assert vmap.index.shape[1] > sequence.inputs_embeds.shape[1]  # tokens were merged
         assert max(int(torch.bincount(s.assignment).max()) for s in stats) > 1
         reference = _reference_vtu_logits(model, sequence, vmap)
+    attended = sequence.attention_mask.bool()
+    return inputs, logits[attended], reference[attended], attended
+
+
+def test_vtu_equals_expanded_full_length_computation(llava, batch, calibrated):
+    model, _ = llava
+    inputs, logits, reference, attended = _vtu_against_reference(model, batch, calibrated["low"])
     with vtprune.apply(model, "dymu", thresholds=calibrated["low"], vtu=False), torch.no_grad():
         direct = model(**inputs).logits
-    attended = sequence.attention_mask.bool()
-    assert torch.allclose(logits[attended], reference[attended], atol=1e-4, rtol=1e-4)
-    assert not torch.allclose(logits[attended], direct[attended], atol=1e-2)  # VTU is not the direct merged run
+    assert torch.allclose(logits, reference, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(logits, direct[attended], atol=1e-2)  # VTU is not the direct merged run
 
 
 def test_vtu_decoding_with_cache_matches_full_forward(llava, batch, calibrated):
@@ -475,20 +481,8 @@ def test_siglip_style_encoder_without_cls():
 
 def test_next_vtu_equals_expanded_full_length_computation(llava_next, next_batch, next_thresholds):
     """The same VTU reference as for LLaVA-1.5, over LLaVA-NeXT's packed sequence (newlines, unpadded crops)."""
-    model, _ = llava_next
-    inputs = dict(next_batch, position_ids=mask_positions(next_batch["attention_mask"]))
-    with vtprune.apply(model, "dymu", thresholds=next_thresholds, vtu=True) as handle, torch.no_grad():
-        logits = model(**inputs).logits
-        sequence, stats = handle.last_sequence, handle.stats
-        slots = find_image_slots(next_batch["input_ids"] == model.config.image_token_id, [s.tokens_in for s in stats])
-        vmap = build_virtual_map(
-            sequence.source, next_batch["attention_mask"], inputs["position_ids"], [s.row for s in slots],
-            [s.positions for s in slots], [s.assignment for s in stats],
-        )
-        assert vmap.index.shape[1] > sequence.inputs_embeds.shape[1]
-        reference = _reference_vtu_logits(model, sequence, vmap)
-    attended = sequence.attention_mask.bool()
-    assert torch.allclose(logits[attended], reference[attended], atol=1e-4, rtol=1e-4)
+    _, logits, reference, _ = _vtu_against_reference(llava_next[0], next_batch, next_thresholds)
+    assert torch.allclose(logits, reference, atol=1e-4, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------- Qwen2-style LLM
@@ -528,16 +522,5 @@ def test_vtu_on_a_qwen2_decoder(llava_qwen2, images):
 
     thresholds = vtprune.calibrate(model, "dymu", random_images(8, size=(320, 240), seed=11), processor=processor,
                                    preset="low", batch_size=4, progress=False)
-    inputs = dict(batch, position_ids=mask_positions(batch["attention_mask"]))
-    with vtprune.apply(model, "dymu", thresholds=thresholds, vtu=True) as handle, torch.no_grad():
-        logits = model(**inputs).logits
-        sequence, stats = handle.last_sequence, handle.stats
-        slots = find_image_slots(batch["input_ids"] == model.config.image_token_id, [s.tokens_in for s in stats])
-        vmap = build_virtual_map(
-            sequence.source, batch["attention_mask"], inputs["position_ids"], [s.row for s in slots],
-            [s.positions for s in slots], [s.assignment for s in stats],
-        )
-        assert vmap.index.shape[1] > sequence.inputs_embeds.shape[1]  # tokens were merged
-        expected = _reference_vtu_logits(model, sequence, vmap)
-    attended = sequence.attention_mask.bool()
-    assert torch.allclose(logits[attended], expected[attended], atol=1e-4, rtol=1e-4)
+    _, logits, reference, _ = _vtu_against_reference(model, batch, thresholds)
+    assert torch.allclose(logits, reference, atol=1e-4, rtol=1e-4)

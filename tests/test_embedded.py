@@ -11,21 +11,13 @@ import torch
 import vtprune
 from vtprune.eval import synthetic
 from vtprune.harness import answer
-from vtprune.models import EMBEDDED_MODEL, embedded_model_path, load_embedded
+from vtprune.models import EMBEDDED_MODEL, embedded_model_available, embedded_model_path, load_embedded
 
 HELD_OUT = 120  # 20 records per question type, seed 1000 (the benchmark config's seed; training never used it)
 
 
-def _shipped() -> bool:
-    try:
-        embedded_model_path()
-        return True
-    except FileNotFoundError:
-        return False
-
-
 needs_embedded = pytest.mark.skipif(
-    not _shipped(),
+    not embedded_model_available(),
     reason="the embedded trained model is not shipped yet (issue 6: eval/train_embedded.py does not reach the accuracy target yet)",
 )
 

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from .eval.synthetic import generate
     from .harness import evaluate
-    from .models import embedded_model_path, load_embedded
+    from .models import embedded_model_available, load_embedded
     from .report import plots, table
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,11 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     model_name = args.model
     if model_name == "auto":
-        try:
-            embedded_model_path()
-            model_name = "embedded"
-        except FileNotFoundError:
-            model_name = "tiny"
+        model_name = "embedded" if embedded_model_available() else "tiny"
+        if model_name == "tiny":
             print("vtprune demo: the embedded trained model is not shipped in this build (issue 6); running the "
                   "random-weight tiny LLaVA-1.5 instead, so accuracy numbers are meaningless")
     if model_name == "embedded":

@@ -35,6 +35,15 @@ def embedded_model_path() -> Path:
     return path
 
 
+def embedded_model_available() -> bool:
+    """Whether this build ships the embedded model (see `embedded_model_path`)."""
+    try:
+        embedded_model_path()
+        return True
+    except FileNotFoundError:
+        return False
+
+
 def load_embedded(dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """``(model, processor)``: vtprune's small trained LLaVA-1.5-style model (see assets/README.md).
 
