@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import vtprune
 from vtprune.eval import synthetic
@@ -129,20 +130,75 @@ def test_main_job_pipeline_on_a_reduced_setting(tmp_path, capsys, model):
         assert montage.size[0] == record.image.size[0] * (1 + len(pruners))
 
 
-def test_training_script_runs_end_to_end_and_saves_a_loadable_model(tmp_path):
+def _training_module():
     import importlib.util
-    import json
-
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     spec = importlib.util.spec_from_file_location("train_embedded", Path(__file__).parents[1] / "eval" / "train_embedded.py")
     train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train)
+    return train
+
+
+def test_training_questions_agree_with_the_benchmark():
+    import random
+
+    train = _training_module()
+    for record in synthetic.generate(120, seed=3, image_size=336):
+        derived = {question: answer for _, question, answer in train.scene_questions(record, random.Random(0))}
+        if record.type == "exists" and record.answer == "no":  # a sample of absent pairs stands in
+            assert derived.get(record.question, "no") == "no"
+            continue
+        assert derived[record.question] == record.answer, (record.type, record.question)
+    chat = train.conversation(record, random.Random(1), turns=4)
+    assert chat[0] == (record.question, record.answer) and len(chat) == 4
+
+
+def test_training_prompt_is_the_harness_prompt_tokenised_as_the_processor_does():
+    from vtprune.harness import build_prompt
+
+    train = _training_module()
+    model, processor = train.build(0)
+    record = synthetic.generate(1, seed=3, image_size=336)[0]
+    ids, labels = train.encode_conversation(processor, [(record.question, record.answer), ("Is there a red circle?", "no")], 144)
+    text = build_prompt(processor, record.question) + f" {record.answer}</s>"
+    expected = processor(images=[record.image], text=[text], return_tensors="pt")["input_ids"][0].tolist()
+    assert ids[: len(expected)] == expected
+    answers = [processor.tokenizer.decode([t for t in labels if t != -100])]
+    assert answers == [f" {record.answer}</s> no</s>"]
+
+
+def test_vision_pretraining_labels_of_a_hand_made_scene():
+    train = _training_module()
+    image = Image.new("RGB", (336, 336), "white")
+    objects = [
+        {"shape": "square", "colour": "red", "x": 42.0, "y": 42.0, "radius": 14.0},  # the middle of patch (1, 1)
+        {"shape": "text", "colour": "white", "x": 294.0, "y": 14.0, "radius": 10.0, "character": "K"},  # patch (0, 10)
+    ]
+    targets = train.scene_targets(synthetic.Record(0, image, "", "", "pretraining", objects))
+    kind, colour, glyph, centre = (targets[k].reshape(12, 12) for k in ("kind", "colour", "glyph", "centre"))
+    square, text = 1 + train.KINDS.index("square"), 1 + train.KINDS.index("text")
+    assert kind[1, 1] == square and colour[1, 1] == 1 + train.COLOURS.index("red") and glyph[1, 1] == 0
+    assert kind[0, 10] == text and glyph[0, 10] == 1 + synthetic.CHARACTERS.index("K") and colour[0, 10] == 0
+    assert int((kind > 0).sum()) == 2 and centre[1, 1] == 1 and centre[0, 10] == 1 and int(centre.sum()) == 2
+    pair = train.PAIRS.index(("square", "red"))
+    assert targets["counts"][pair] == 1 and int(targets["counts"].sum()) == 1
+    assert targets["thirds"][pair] == 1  # left third
+    assert targets["character"] == 1 + synthetic.CHARACTERS.index("K")
+
+
+def test_training_script_runs_end_to_end_and_saves_a_loadable_model(tmp_path):
+    import json
+
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    train = _training_module()
     out = tmp_path / "model"
     summary = train.main(["--out", str(out), "--save-vision", str(tmp_path / "stage1"), "--vision-steps", "1",
-                          "--vision-batch", "4", "--language-steps", "1", "--language-batch", "4", "--eval-size", "6"])
+                          "--vision-batch", "4", "--language-steps", "1", "--language-batch", "4", "--scenes", "8",
+                          "--validation-size", "6", "--eval-size", "6"])
     assert set(summary["held_out_accuracy"]) == set(synthetic.QUESTION_TYPES) | {"all"}
     assert json.loads((out / "training.json").read_text())["parameters"] == summary["parameters"]
+    assert [h["stage"] for h in summary["history"]] == [1, 2] and "validation" in summary["history"][-1]
     model = LlavaForConditionalGeneration.from_pretrained(out)
     processor = AutoProcessor.from_pretrained(out)
     assert model.dtype == torch.float16 and summary["size_mb"] <= 25
@@ -157,5 +213,5 @@ def test_training_script_runs_end_to_end_and_saves_a_loadable_model(tmp_path):
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == train.GRID**2
     # Stage 2 alone from the stage-1 folder (the documented way to rerun it).
     again = train.main(["--out", str(tmp_path / "again"), "--init-vision", str(tmp_path / "stage1"), "--vision-steps", "0",
-                        "--language-steps", "1", "--language-batch", "4", "--eval-size", "6"])
+                        "--language-steps", "1", "--language-batch", "4", "--scenes", "8", "--validation-size", "6", "--eval-size", "6"])
     assert [h["stage"] for h in again["history"]] == [2]

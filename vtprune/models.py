@@ -47,7 +47,7 @@ def embedded_model_available() -> bool:
 def load_embedded(dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """``(model, processor)``: vtprune's small trained LLaVA-1.5-style model (see assets/README.md).
 
-    A `LlavaForConditionalGeneration` (CLIP-style ViT with CLS, 192 px / 16 px patches = 144 visual tokens, Llama
+    A `LlavaForConditionalGeneration` (CLIP-style ViT with CLS, 336 px / 28 px patches = 144 visual tokens, Llama
     decoder) trained on `vtprune.eval.synthetic` by `eval/train_embedded.py`, loaded with `from_pretrained`. It is
     stored in float16 and upcast to `dtype`.
     """
