@@ -485,14 +485,17 @@ class LlavaCase(Case):
         before = min(5, self.text_tokens)  # "USER: <image>\n{question} ASSISTANT:"
         ids = torch.cat([
             self._text_ids(before, 30000, g),
-            torch.full((576,), self.image_token_id),
+            torch.full((self.tokens_per_image(),), self.image_token_id),
             self._text_ids(self.text_tokens - before, 30000, g),
         ])[None]
         return {
             "input_ids": ids.to(self.device),
             "attention_mask": torch.ones_like(ids).to(self.device),
-            "pixel_values": torch.randn(1, 3, 336, 336, generator=g).to(self.device, self.dtype),
+            "pixel_values": torch.randn(*self._pixel_shape(), generator=g).to(self.device, self.dtype),
         }
+
+    def _pixel_shape(self) -> tuple[int, ...]:
+        return (1, 3, 336, 336)
 
     def encode_once(self, integration, inputs: dict, attention_layers: set[int]) -> RunCache:
         return RunCache(integration.run_encoder(inputs["pixel_values"], -2, attention_layers))
@@ -690,19 +693,10 @@ class LlavaNextCase(LlavaCase):
         return self.model
 
     def inputs(self) -> dict:
-        g = torch.Generator().manual_seed(1)
-        before = min(5, self.text_tokens)  # "USER: <image>\n{question} ASSISTANT:"
-        ids = torch.cat([
-            self._text_ids(before, 30000, g),
-            torch.full((self.tokens_per_image(),), self.image_token_id),
-            self._text_ids(self.text_tokens - before, 30000, g),
-        ])[None]
-        return {
-            "input_ids": ids.to(self.device),
-            "attention_mask": torch.ones_like(ids).to(self.device),
-            "pixel_values": torch.randn(1, self._crops, 3, 336, 336, generator=g).to(self.device, self.dtype),
-            "image_sizes": torch.tensor([self.image_size]).to(self.device),
-        }
+        return {**super().inputs(), "image_sizes": torch.tensor([self.image_size]).to(self.device)}
+
+    def _pixel_shape(self) -> tuple[int, ...]:
+        return (1, self._crops, 3, 336, 336)
 
     def encode_once(self, integration, inputs: dict, attention_layers: set[int]) -> LlavaNextRunCache:
         # Timed as the unpatched model pays it: crop batching, then the tower over every crop. The patched

@@ -302,15 +302,16 @@ class TimmViTIntegration(Integration):
         handle.set_attribute("forward_head", forward_head)
         for name in ("forward_intermediates", "get_intermediate_layers"):
             if hasattr(model, name):
-                handle.set_attribute(name, self._refuse(name))
+                handle.set_attribute(name, self._refuse(name, "merging", "unmerged"))
 
-    def _refuse(self, name: str):
+    def _refuse(self, name: str, patch: str, result: str):
+        """`name` of the model, replaced by a clear error: it would bypass the patch and return `result` features."""
         method = getattr(self.model, name)
 
         @functools.wraps(method)
         def refused(*args, **kwargs):
             raise NotImplementedError(
-                f"vtprune: {name} bypasses the token merging patch (it would return unmerged features); "
+                f"vtprune: {name} bypasses the token {patch} patch (it would return {result} features); "
                 "call handle.remove() first, or use forward_features"
             )
 
@@ -329,22 +330,10 @@ class TimmViTIntegration(Integration):
                 raise NotImplementedError("vtprune: attn_mask / is_causal are not supported while the ViT is pruned")
             return self._forward_features(handle, x)
 
-        def refuse(name):
-            method = getattr(model, name)
-
-            @functools.wraps(method)
-            def refused(*args, **kwargs):
-                raise NotImplementedError(
-                    f"vtprune: {name} bypasses the token pruning patch (it would return unpruned features); "
-                    "call handle.remove() first, or use forward_features"
-                )
-
-            return refused
-
         handle.set_attribute("forward_features", forward_features)
         for name in ("forward_intermediates", "get_intermediate_layers"):
             if hasattr(model, name):
-                handle.set_attribute(name, refuse(name))
+                handle.set_attribute(name, self._refuse(name, "pruning", "unpruned"))
 
     def _grid(self, x: torch.Tensor) -> tuple[int, int]:
         """Patch grid of the patch embedding output `x` (NHWC when dynamic_img_size)."""
