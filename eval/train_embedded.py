@@ -1,6 +1,6 @@
 """Train vtprune's embedded VLM: a small LLaVA-1.5-style model that answers the synthetic benchmark.
 
-    python eval/train_embedded.py --out assets/vtprune-tiny-llava        # both stages, about 70 min on 2 CPU cores
+    python eval/train_embedded.py --out assets/vtprune-tiny-llava        # both stages, about 75 min on 2 CPU cores
     python eval/train_embedded.py --out /tmp/stage1 --save-vision /tmp/stage1 --language-steps 0   # stage 1 only
     python eval/train_embedded.py --out /tmp/model --init-vision /tmp/stage1 --vision-steps 0      # stage 2 only
     python eval/train_embedded.py --out /tmp/smoke --vision-steps 20 --language-steps 20 --scenes 64 --eval-size 12
@@ -17,16 +17,19 @@ Two stages, as LLaVA does it, adapted to training from scratch:
    output predicts, for each of the 18 (shape, colour) pairs, its count (0..6) and the horizontal third it lies
    in, and the character in the white box (if any): this is what makes the CLS attention of the late layers point
    at the objects, the signal FasterVLM / VisionZip read. Dense heads on the feature layer's patch tokens name,
-   per patch, the kind, colour and character of the object covering it and whether an object's centre lies in it
+   per patch, the kind, colour and character of the object covering it, how many objects of its (shape, colour)
+   the scene holds, whether an object's centre lies in it, and the patch's own horizontal third
    (`scene_targets`), averaged over the patches that show something, so the tokens the LLM receives carry their
-   content locally (the LLM must find and count objects among them, and a pruner that drops an object's tokens
-   loses it).
+   content locally: every benchmark question becomes "find the patches of the object asked about and read them"
+   (and a pruner that drops an object's tokens loses it). A third of the scenes are reading sheets of 3-8
+   character boxes, so the characters get enough examples.
 2. **Visual instruction tuning.** The ViT is frozen (as LLaVA's stage 2 does with a pretrained CLIP, and so its
    CLS attention keeps its meaning); its features of `--scenes` benchmark scenes are computed once. Projector and
    decoder learn to answer in multi-turn conversations about one image (`conversation`): the record's own
    question first, in exactly the harness's prompt (`vtprune.harness.build_prompt`), then further questions
-   derived from the scene's objects (`scene_questions`); the loss covers the answers only. A validation set
-   (another seed) is scored every 250 steps, teacher-forced.
+   derived from the scene's objects (`scene_questions`); the loss covers the answers only. One decoder head is
+   guided toward the patches of the objects each question is about (`attention_guidance_loss`, `--guidance`).
+   A validation set (another seed) is scored every 250 steps, teacher-forced.
 
 Images are rendered on the fly by `vtprune.eval.synthetic` (training seeds never overlap the held-out seed); a
 fifth are rendered at 224 px and upscaled by the processor, so other benchmark resolutions work too. The result
@@ -40,6 +43,7 @@ import argparse
 import json
 import math
 import random
+import re
 import time
 from pathlib import Path
 
@@ -60,6 +64,7 @@ THIRDS = 4  # absent, left, middle, right
 KINDS = (*synthetic.SHAPES, "text")
 COVERAGE = 0.2  # a patch is labelled with the object covering at least this fraction of it
 SUBSAMPLES = 4  # per patch side, to measure coverage
+READING_SHEETS = 0.35  # share of stage-1 scenes that are mostly character boxes
 TRAIN_SEED_OFFSET = 10_000  # training data uses seeds seed + TRAIN_SEED_OFFSET + stage; held-out seeds are small
 
 
@@ -135,9 +140,10 @@ def records(count: int, seed: int, start: int) -> list[synthetic.Record]:
 
 
 def pretraining_scenes(count: int, seed: int, start: int) -> list[synthetic.Record]:
-    """Richer scenes than the benchmark's for stage 1: every scene has 1-6 copies of one (shape, colour) pair,
-    1-5 other shapes, and a character box half of the time, so each image teaches counting, reading and
-    localisation at once (the benchmark's records each exercise one question type)."""
+    """Richer scenes than the benchmark's for stage 1. Most have 1-6 copies of one (shape, colour) pair, 1-5 other
+    shapes and a character box half of the time, so each image teaches counting, reading and localisation at once
+    (the benchmark's records each exercise one question type). A third are reading sheets, 3-8 character boxes
+    among a few shapes: one box per scene taught too few glyphs for the characters to be learnt in a CPU budget."""
     out = []
     for i in range(start, start + count):
         rng = random.Random(f"pretrain:{seed}:{i}")
@@ -145,11 +151,16 @@ def pretraining_scenes(count: int, seed: int, start: int) -> list[synthetic.Reco
         scene = synthetic._Scene(rng, size)
         shape, colour = rng.choice(PAIRS)
         try:
-            if rng.random() < 0.5:
-                scene.add_character(rng.choice(synthetic.CHARACTERS))
-            for _ in range(rng.randint(1, MAX_COUNT)):
-                scene.add_shape(shape, colour)
-            scene.distractors(rng.randint(1, 5), avoid=[(shape, colour)])
+            if rng.random() < READING_SHEETS:
+                for _ in range(rng.randint(3, 8)):
+                    scene.add_character(rng.choice(synthetic.CHARACTERS))
+                scene.distractors(rng.randint(0, 3))
+            else:
+                if rng.random() < 0.5:
+                    scene.add_character(rng.choice(synthetic.CHARACTERS))
+                for _ in range(rng.randint(1, MAX_COUNT)):
+                    scene.add_shape(shape, colour)
+                scene.distractors(rng.randint(1, 5), avoid=[(shape, colour)])
         except RuntimeError:  # too crowded: keep what was drawn
             pass
         objects = [{"shape": s.kind, "colour": s.colour, "x": s.x, "y": s.y, "radius": s.radius} for s in scene.shapes]
@@ -171,8 +182,9 @@ def _inside(obj: dict, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def scene_targets(record: synthetic.Record) -> dict[str, torch.Tensor]:
     """Labels of one scene for vision pretraining (see the module docstring): per scene, each (shape, colour)
-    pair's count and horizontal third and the character; per patch, the kind, colour and character of the object
-    covering it and whether an object's centre lies in it."""
+    pair's count and horizontal third and the character (ignored, -100, when there are several boxes); per patch,
+    the kind, colour and character of the object covering it, how many objects of that (shape, colour) the scene
+    holds, whether an object's centre lies in it, and the horizontal third of the patch itself."""
     counts = torch.zeros(len(PAIRS), dtype=torch.long)
     thirds = torch.zeros(len(PAIRS), dtype=torch.long)
     character = torch.zeros((), dtype=torch.long)
@@ -187,10 +199,15 @@ def scene_targets(record: synthetic.Record) -> dict[str, torch.Tensor]:
     colour = torch.zeros(GRID, GRID, dtype=torch.long)
     glyph = torch.zeros(GRID, GRID, dtype=torch.long)
     centre = torch.zeros(GRID, GRID, dtype=torch.long)
+    pair_of = torch.full((GRID, GRID), -1, dtype=torch.long)
+    boxes = 0
     xs: dict[int, list[float]] = {}
     for obj in record.objects:
         coverage = _inside(obj, px, py).mean(axis=(2, 3))
-        mine = torch.from_numpy(coverage >= best)
+        # An object smaller than COVERAGE of any patch (a character box split over four patches) still labels its
+        # best-covered patch, unless another object covers that patch more.
+        floor = np.minimum(best, max(coverage.max(), 1e-6))
+        mine = torch.from_numpy(coverage >= floor)
         best = np.maximum(best, coverage)
         row, col = min(GRID - 1, int(obj["y"] / step)), min(GRID - 1, int(obj["x"] / step))
         centre[row, col] = 1
@@ -198,18 +215,26 @@ def scene_targets(record: synthetic.Record) -> dict[str, torch.Tensor]:
         if obj["shape"] == "text":
             index = synthetic.CHARACTERS.index(obj["character"])
             character = torch.tensor(1 + index)
+            boxes += 1
             glyph[mine] = 1 + index
             colour[mine] = 0
+            pair_of[mine] = -1
             continue
         colour[mine] = 1 + COLOURS.index(obj["colour"])
         glyph[mine] = 0
         pair = PAIRS.index((obj["shape"], obj["colour"]))
+        pair_of[mine] = pair
         counts[pair] = min(MAX_COUNT, counts[pair] + 1)
         xs.setdefault(pair, []).append(obj["x"])
     for pair, values in xs.items():  # the third the pair's mean lies in (exact for a single object)
         thirds[pair] = 1 + min(2, int(3 * sum(values) / len(values) / size))
+    if boxes > 1:
+        character = torch.tensor(-100)
+    count = torch.where(pair_of >= 0, counts[pair_of.clamp(min=0)], 0)
+    column_third = 1 + torch.arange(GRID) * 3 // GRID
     return {"counts": counts, "thirds": thirds, "character": character, "kind": kind.flatten(),
-            "colour": colour.flatten(), "glyph": glyph.flatten(), "centre": centre.flatten()}
+            "colour": colour.flatten(), "glyph": glyph.flatten(), "count": count.flatten(),
+            "centre": centre.flatten(), "third": column_third.expand(GRID, GRID).flatten()}
 
 
 def stacked_targets(data: list[synthetic.Record]) -> dict[str, torch.Tensor]:
@@ -226,7 +251,8 @@ def optimizer_step(loss: torch.Tensor, optimizer, scheduler, params: list[torch.
     scheduler.step()
 
 
-PATCH_LABELS = {"kind": 1 + len(KINDS), "colour": 1 + len(COLOURS), "glyph": 1 + len(synthetic.CHARACTERS), "centre": 2}
+PATCH_LABELS = {"kind": 1 + len(KINDS), "colour": 1 + len(COLOURS), "glyph": 1 + len(synthetic.CHARACTERS),
+                "count": 1 + MAX_COUNT, "centre": 2, "third": 4}
 
 
 class VisionHeads(torch.nn.Module):
@@ -246,21 +272,26 @@ class VisionHeads(torch.nn.Module):
         losses = {
             "counts": F.cross_entropy(counts.flatten(0, 1), targets["counts"].flatten()),
             "thirds": F.cross_entropy(thirds.flatten(0, 1), targets["thirds"].flatten()),
-            "character": F.cross_entropy(character, targets["character"]),
+            "character": F.cross_entropy(character, targets["character"]) if bool((targets["character"] >= 0).any())
+            else character.sum() * 0,
         }
         accuracy = {
             "counts": (counts.argmax(-1) == targets["counts"]).all(-1).float().mean().item(),
-            "character": (character.argmax(-1) == targets["character"]).float().mean().item(),
+            "character": (character.argmax(-1) == targets["character"])[targets["character"] >= 0].float().mean().item(),
         }
         patch_logits = self.patch(patch_tokens).split(list(PATCH_LABELS.values()), dim=-1)
         for (name, _), patch in zip(PATCH_LABELS.items(), patch_logits):
             # Averaged over the patches that show something: nine in ten patches are background, and a mean over
             # all of them starves the few object patches of gradient (the shapes and characters never get learnt).
-            # Only "centre" is over all patches, as objectness; it is up-weighted for the same reason.
-            if name == "centre":
+            # Only "centre" (objectness) and "third" (where the patch is, which the LLM needs as content for the
+            # left/right question) are over all patches; "centre" is up-weighted for the same reason.
+            if name == "third":
+                losses[name] = F.cross_entropy(patch.flatten(0, 1), targets[name].flatten())
+            elif name == "centre":
                 losses[name] = 5 * F.cross_entropy(patch.flatten(0, 1), targets[name].flatten())
             elif bool((targets[name] > 0).any()):
-                losses[name] = F.cross_entropy(patch.flatten(0, 1), targets[name].flatten(), ignore_index=0)
+                weight = 2 if name == "glyph" else 1  # the hardest label: 22 characters drawn a dozen pixels tall
+                losses[name] = weight * F.cross_entropy(patch.flatten(0, 1), targets[name].flatten(), ignore_index=0)
             else:  # nothing of this kind in the batch (small batches)
                 losses[name] = patch.sum() * 0
             labelled = targets[name] > 0  # accuracy where there is something to see
@@ -290,7 +321,7 @@ def train_vision(model, processor, heads: VisionHeads, steps: int, batch: int, l
         loss, parts = heads.loss(out.pooler_output, out.hidden_states[feature_index][:, 1:], stacked_targets(data))
         optimizer_step(loss, optimizer, scheduler, params)
         if step % 25 == 0 or step == steps - 1:
-            progress.set_postfix(loss=f"{loss.item():.3f}", kind=f"{parts['acc_kind']:.2f}", glyph=f"{parts['acc_glyph']:.2f}")
+            progress.set_postfix(loss=f"{loss.item():.3f}", kind=f"{parts['acc_kind']:.2f}", glyph=f"{parts['acc_glyph']:.2f}", count=f"{parts['acc_count']:.2f}")
             log({"stage": 1, "step": step, "loss": loss.item(), **parts})
     tower.eval()
 
@@ -357,6 +388,90 @@ def encode_conversation(processor, chat: list[tuple[str, str]], image_tokens: in
     return ids, labels
 
 
+def relevant_patches(record: synthetic.Record, question: str) -> torch.Tensor:
+    """Which of the GRID x GRID patches show the objects a benchmark question is about (any overlap): the patches
+    the answer must be read from. Empty for an absent pair ("Is there ...?" answered "no")."""
+    words = set(re.findall(r"[a-z]+", question.lower()))
+    if "character" in words:
+        wanted = [o for o in record.objects if o["shape"] == "text"]
+    else:
+        colours = words & set(synthetic.COLOURS)
+        shapes = {s for s in synthetic.SHAPES if s in words or f"{s}s" in words}
+        wanted = [o for o in record.objects if o["shape"] != "text" and (not colours or o["colour"] in colours)
+                  and (not shapes or o["shape"] in shapes)]
+    size = record.image.size[0]
+    step = size / GRID
+    centres = (np.arange(GRID * SUBSAMPLES) + 0.5) * step / SUBSAMPLES
+    py, px = np.meshgrid(centres, centres, indexing="ij")
+    covered = np.zeros((GRID * SUBSAMPLES, GRID * SUBSAMPLES), dtype=bool)
+    for obj in wanted:
+        covered |= _inside(obj, px, py)
+    return torch.from_numpy(covered.reshape(GRID, SUBSAMPLES, GRID, SUBSAMPLES).any(axis=(1, 3)).flatten())
+
+
+class AttentionProbe:
+    """Recomputes one head's attention rows at chosen query positions of one decoder layer (from the layer's own
+    inputs, so SDPA stays on for the forward pass) for the attention-guidance loss of stage 2."""
+
+    def __init__(self, model, layer: int, head: int) -> None:
+        self.attention = model.model.language_model.layers[layer].self_attn
+        self.head = head
+        self.inputs: tuple | None = None
+        self.handle = self.attention.register_forward_pre_hook(self._keep, with_kwargs=True)
+
+    def _keep(self, module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        self.inputs = (hidden, kwargs["position_embeddings"])
+
+    def rows(self, batch_index: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Attention probabilities (len(positions), sequence) of the head at (batch_index, positions), causal."""
+        from transformers.models.llama.modeling_llama import rotate_half
+
+        hidden, (cos, sin) = self.inputs
+        cos, sin = cos.expand(hidden.shape[0], -1, -1), sin.expand(hidden.shape[0], -1, -1)
+        attention, head = self.attention, self.head
+        dim = attention.head_dim
+        rows = slice(head * dim, (head + 1) * dim)
+        query = F.linear(hidden[batch_index, positions], attention.q_proj.weight[rows],
+                         None if attention.q_proj.bias is None else attention.q_proj.bias[rows])
+        key_head = head // attention.num_key_value_groups
+        key_rows = slice(key_head * dim, (key_head + 1) * dim)
+        keys = F.linear(hidden[batch_index], attention.k_proj.weight[key_rows],
+                        None if attention.k_proj.bias is None else attention.k_proj.bias[key_rows])
+        q_cos, q_sin = cos[batch_index, positions], sin[batch_index, positions]
+        query = query * q_cos + rotate_half(query) * q_sin
+        keys = keys * cos[batch_index] + rotate_half(keys) * sin[batch_index]
+        scores = torch.einsum("nd,ntd->nt", query, keys) * attention.scaling
+        causal = torch.arange(hidden.shape[1])[None, :] > positions[:, None]
+        return scores.masked_fill(causal, float("-inf")).softmax(-1)
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def attention_guidance_loss(probe: AttentionProbe, input_ids: torch.Tensor, labels: torch.Tensor,
+                            relevant: list[list[torch.Tensor]], image_token_id: int) -> torch.Tensor:
+    """-log of the probed head's attention mass on the relevant patches, at every position that predicts an answer
+    token (a count's first token is a bare space), averaged over the turns that have something relevant."""
+    predicts = labels[:, 1:] != -100  # position t predicts label t + 1
+    starts = predicts & ~F.pad(predicts, (1, 0))[:, :-1]
+    turn = starts.long().cumsum(1) - 1
+    batch_index, positions = predicts.nonzero(as_tuple=True)
+    targets, keep = [], []
+    for n, (b, t) in enumerate(zip(batch_index.tolist(), positions.tolist())):
+        mask = torch.zeros(input_ids.shape[1], dtype=torch.bool)
+        mask[(input_ids[b] == image_token_id).nonzero()[:, 0]] = relevant[b][int(turn[b, t])]
+        if mask.any():
+            targets.append(mask)
+            keep.append(n)
+    if not keep:
+        return input_ids.new_zeros((), dtype=torch.float)
+    keep_t = torch.tensor(keep)
+    attention = probe.rows(batch_index[keep_t], positions[keep_t])
+    mass = (attention * torch.stack(targets)).sum(-1)
+    return -(mass + 1e-6).log().mean()
+
+
 @torch.no_grad()
 def vision_features(model, processor, data: list[synthetic.Record], batch: int = 64) -> torch.Tensor:
     """The patch features LLaVA feeds its projector (``vision_feature_layer``, CLS dropped), float16."""
@@ -411,10 +526,15 @@ def validation_accuracy(model, processor, data, features, batch: int = 50) -> di
 
 
 def train_language(model, processor, steps: int, batch: int, lr: float, scenes: int, turns: int, seed: int, log,
-                   validation_size: int = 300) -> None:
+                   validation_size: int = 300, guidance: float = 1.0, guidance_layer: int = 2) -> None:
     """Projector and decoder learn to answer, LLaVA-style, with the ViT frozen (so its CLS attention keeps the
     meaning stage 1 gave it). The ViT's features of `scenes` benchmark scenes are computed once; each step draws
-    `batch` of them and a fresh `turns`-turn conversation about each."""
+    `batch` of them and a fresh `turns`-turn conversation about each.
+
+    Attention guidance: one head of decoder layer `guidance_layer`, at the position that predicts an answer, is
+    pulled (loss weight `guidance`) toward the patches of the objects the question is about. Answering needs a
+    two-hop circuit (gather the question's words, then look them up among the patches) that a decoder trained from
+    scratch otherwise takes thousands of steps to find, sitting on the answer priors meanwhile."""
     tower = model.model.vision_tower
     tower.eval().requires_grad_(False)
     data = []
@@ -431,6 +551,7 @@ def train_language(model, processor, steps: int, batch: int, lr: float, scenes: 
     order: list[int] = []
     image_tokens = GRID * GRID
     pad = processor.tokenizer.pad_token_id
+    probe = AttentionProbe(model, guidance_layer, head=0) if guidance else None
     model.train()
     tower.eval()
     progress = tqdm(range(steps), desc="stage 2: visual instruction tuning")
@@ -438,19 +559,27 @@ def train_language(model, processor, steps: int, batch: int, lr: float, scenes: 
         if len(order) < batch:
             order += rng.sample(range(scenes), scenes)
         chosen, order = order[:batch], order[batch:]
-        rows = [encode_conversation(processor, conversation(data[i], rng, turns), image_tokens) for i in chosen]
+        chats = [conversation(data[i], rng, turns) for i in chosen]
+        rows = [encode_conversation(processor, chat, image_tokens) for chat in chats]
         input_ids, labels, attention_mask = _batch_tensors(rows, pad)
         logits = _language_logits(model, input_ids, attention_mask, features[chosen])
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+        answer_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+        loss = answer_loss
+        if probe is not None:
+            relevant = [[relevant_patches(data[i], question) for question, _ in chat] for i, chat in zip(chosen, chats)]
+            guide = attention_guidance_loss(probe, input_ids, labels, relevant, model.config.image_token_id)
+            loss = loss + guidance * guide
         optimizer_step(loss, optimizer, scheduler, params)
         validate = (step + 1) % 250 == 0 or step == steps - 1
         if step % 25 == 0 or validate:
-            progress.set_postfix(loss=f"{loss.item():.3f}")
-            entry = {"stage": 2, "step": step, "loss": loss.item()}
+            progress.set_postfix(loss=f"{answer_loss.item():.3f}", guide=f"{(loss - answer_loss).item():.3f}")
+            entry = {"stage": 2, "step": step, "loss": answer_loss.item(), "guidance_loss": (loss - answer_loss).item()}
             if validate:
                 entry["validation"] = validation_accuracy(model, processor, validation, validation_features)
-                tqdm.write(f"step {step + 1}: loss {loss.item():.3f}, validation {entry['validation']}")
+                tqdm.write(f"step {step + 1}: loss {answer_loss.item():.3f}, validation {entry['validation']}")
             log(entry)
+    if probe is not None:
+        probe.remove()
     model.eval()
     tower.requires_grad_(True)
 
@@ -473,7 +602,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for save_pretrained (e.g. assets/vtprune-tiny-llava)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vision-steps", type=int, default=900)
+    parser.add_argument("--vision-steps", type=int, default=1000)
     parser.add_argument("--vision-batch", type=int, default=64)
     parser.add_argument("--vision-lr", type=float, default=1e-3)
     parser.add_argument("--language-steps", type=int, default=3000)
@@ -481,6 +610,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--language-lr", type=float, default=2e-3)
     parser.add_argument("--scenes", type=int, default=24_000, help="benchmark scenes of stage 2 (ViT features computed once)")
     parser.add_argument("--turns", type=int, default=4, help="questions per image in one stage-2 conversation")
+    parser.add_argument("--guidance", type=float, default=5.0, help="weight of the stage-2 attention-guidance loss (0: off)")
+    parser.add_argument("--guidance-layer", type=int, default=2, help="decoder layer whose head 0 is guided")
     parser.add_argument("--validation-size", type=int, default=300, help="stage-2 validation scenes (another seed)")
     parser.add_argument("--eval-size", type=int, default=600, help="held-out records (cycling through the 6 types)")
     parser.add_argument("--eval-seed", type=int, default=1000, help="the benchmark seed of configs/benchmark")
@@ -516,7 +647,8 @@ def main(argv: list[str] | None = None) -> dict:
     vision_seconds = time.perf_counter() - started
     if args.language_steps:
         train_language(model, processor, args.language_steps, args.language_batch, args.language_lr, args.scenes,
-                       args.turns, args.seed, log, validation_size=args.validation_size)
+                       args.turns, args.seed, log, validation_size=args.validation_size, guidance=args.guidance,
+                       guidance_layer=args.guidance_layer)
     train_seconds = time.perf_counter() - started
 
     accuracy = evaluate_accuracy(model, processor, args.eval_size, args.eval_seed)

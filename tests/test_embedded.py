@@ -184,6 +184,72 @@ def test_vision_pretraining_labels_of_a_hand_made_scene():
     assert targets["counts"][pair] == 1 and int(targets["counts"].sum()) == 1
     assert targets["thirds"][pair] == 1  # left third
     assert targets["character"] == 1 + synthetic.CHARACTERS.index("K")
+    count, third = targets["count"].reshape(12, 12), targets["third"].reshape(12, 12)
+    assert count[1, 1] == 1 and int((count > 0).sum()) == 1  # one red square; the box has no count
+    assert third[:, :4].eq(1).all() and third[:, 4:8].eq(2).all() and third[:, 8:].eq(3).all()
+    # A box straddling four patches covers less than COVERAGE of each, yet still labels its best-covered patch;
+    # with two boxes the scene-level character is ignored (-100).
+    objects.append({"shape": "text", "colour": "white", "x": 170.0, "y": 170.0, "radius": 11.0, "character": "7"})
+    targets = train.scene_targets(synthetic.Record(0, image, "", "", "pretraining", objects))
+    assert int((targets["glyph"] == 1 + synthetic.CHARACTERS.index("7")).sum()) >= 1
+    assert targets["character"] == -100
+
+
+def test_relevant_patches_are_those_of_the_objects_asked_about():
+    train = _training_module()
+    image = Image.new("RGB", (336, 336), "white")
+    objects = [
+        {"shape": "square", "colour": "red", "x": 42.0, "y": 42.0, "radius": 14.0},  # inside patch (1, 1)
+        {"shape": "circle", "colour": "red", "x": 308.0, "y": 308.0, "radius": 14.0},  # centred on a corner of 4 patches
+        {"shape": "text", "colour": "white", "x": 294.0, "y": 14.0, "radius": 10.0, "character": "K"},  # patch (0, 10)
+    ]
+    record = synthetic.Record(0, image, "", "", "pretraining", objects)
+
+    def patches(question):
+        return set(train.relevant_patches(record, question).nonzero()[:, 0].tolist())
+
+    assert patches("What colour is the square?") == {1 * 12 + 1}
+    assert patches("How many red circles are there?") == {10 * 12 + 10, 10 * 12 + 11, 11 * 12 + 10, 11 * 12 + 11}
+    assert patches("What shape is the red object?") == {13} | patches("Is there a red circle?")
+    assert patches("What character is written in the white box?") == {10}
+    assert patches("Is there a blue circle?") == set()
+
+
+def test_attention_probe_equals_the_eager_attention_of_the_guided_head():
+    import random
+
+    train = _training_module()
+    model, processor = train.build(0)
+    model.set_attn_implementation("eager")
+    records = train.records(3, 5, 0)
+    rng = random.Random(0)
+    chats = [train.conversation(r, rng, 3) for r in records]
+    rows = [train.encode_conversation(processor, chat, train.GRID**2) for chat in chats]
+    input_ids, labels, attention_mask = train._batch_tensors(rows, processor.tokenizer.pad_token_id)
+    probe = train.AttentionProbe(model, layer=2, head=0)
+    features = torch.randn(3, train.GRID**2, model.config.vision_config.hidden_size)
+    embeds = model.get_input_embeddings()(input_ids)
+    visual = model.model.multi_modal_projector(features)
+    slots = (input_ids == model.config.image_token_id)[..., None].expand_as(embeds)
+    out = model(inputs_embeds=embeds.masked_scatter(slots, visual), attention_mask=attention_mask, output_attentions=True)
+    batch_index, positions = torch.tensor([0, 1, 2, 2]), torch.tensor([150, 160, 170, 175])
+    expected = out.attentions[2][:, 0][batch_index, positions]
+    torch.testing.assert_close(probe.rows(batch_index, positions), expected, rtol=1e-5, atol=1e-6)
+    relevant = [[train.relevant_patches(r, q) for q, _ in chat] for r, chat in zip(records, chats)]
+    loss = train.attention_guidance_loss(probe, input_ids, labels, relevant, model.config.image_token_id)
+    terms = []
+    for b in range(len(records)):
+        image = (input_ids[b] == model.config.image_token_id).nonzero()[:, 0]
+        answered = (labels[b] != -100).nonzero()[:, 0].tolist()  # label t is predicted at position t - 1
+        turn = -1
+        for t in answered:
+            turn += t - 1 not in answered
+            if relevant[b][turn].any():
+                terms.append(-torch.log(out.attentions[2][b, 0, t - 1][image][relevant[b][turn]].sum() + 1e-6))
+    assert len(terms) >= 6
+    torch.testing.assert_close(loss, torch.stack(terms).mean())
+    probe.remove()
+
 
 
 def test_training_script_runs_end_to_end_and_saves_a_loadable_model(tmp_path):
