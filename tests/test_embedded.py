@@ -187,11 +187,12 @@ def test_vision_pretraining_labels_of_a_hand_made_scene():
     count, third = targets["count"].reshape(12, 12), targets["third"].reshape(12, 12)
     assert count[1, 1] == 1 and int((count > 0).sum()) == 1  # one red square; the box has no count
     assert third[:, :4].eq(1).all() and third[:, 4:8].eq(2).all() and third[:, 8:].eq(3).all()
-    # A box straddling four patches covers less than COVERAGE of each, yet still labels its best-covered patch;
-    # with two boxes the scene-level character is ignored (-100).
-    objects.append({"shape": "text", "colour": "white", "x": 170.0, "y": 170.0, "radius": 11.0, "character": "7"})
+    # A box centred on a patch corner covers less than COVERAGE of each of the four patches, yet still labels its
+    # best-covered ones (here all four tie); with two boxes the scene-level character is ignored (-100).
+    objects.append({"shape": "text", "colour": "white", "x": 168.0, "y": 168.0, "radius": 9.0, "character": "7"})
     targets = train.scene_targets(synthetic.Record(0, image, "", "", "pretraining", objects))
-    assert int((targets["glyph"] == 1 + synthetic.CHARACTERS.index("7")).sum()) >= 1
+    seven = (targets["glyph"].reshape(12, 12) == 1 + synthetic.CHARACTERS.index("7")).nonzero().tolist()
+    assert seven == [[5, 5], [5, 6], [6, 5], [6, 6]]
     assert targets["character"] == -100
 
 
