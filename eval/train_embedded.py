@@ -457,10 +457,11 @@ def attention_guidance_loss(probe: AttentionProbe, input_ids: torch.Tensor, labe
     starts = predicts & ~F.pad(predicts, (1, 0))[:, :-1]
     turn = starts.long().cumsum(1) - 1
     batch_index, positions = predicts.nonzero(as_tuple=True)
+    image_slots = input_ids == image_token_id
     targets, keep = [], []
     for n, (b, t) in enumerate(zip(batch_index.tolist(), positions.tolist())):
         mask = torch.zeros(input_ids.shape[1], dtype=torch.bool)
-        mask[(input_ids[b] == image_token_id).nonzero()[:, 0]] = relevant[b][int(turn[b, t])]
+        mask[image_slots[b]] = relevant[b][int(turn[b, t])]
         if mask.any():
             targets.append(mask)
             keep.append(n)
