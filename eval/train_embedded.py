@@ -1,6 +1,6 @@
 """Train vtprune's embedded VLM: a small LLaVA-1.5-style model that answers the synthetic benchmark.
 
-    python eval/train_embedded.py --out assets/vtprune-tiny-llava        # both stages, about 75 min on 2 CPU cores
+    python eval/train_embedded.py --out assets/vtprune-tiny-llava        # both stages, about 100 min on 2 CPU cores
     python eval/train_embedded.py --out /tmp/stage1 --save-vision /tmp/stage1 --language-steps 0   # stage 1 only
     python eval/train_embedded.py --out /tmp/model --init-vision /tmp/stage1 --vision-steps 0      # stage 2 only
     python eval/train_embedded.py --out /tmp/smoke --vision-steps 20 --language-steps 20 --scenes 64 --eval-size 12
@@ -21,15 +21,20 @@ Two stages, as LLaVA does it, adapted to training from scratch:
    the scene holds, whether an object's centre lies in it, and the patch's own horizontal third
    (`scene_targets`), averaged over the patches that show something, so the tokens the LLM receives carry their
    content locally: every benchmark question becomes "find the patches of the object asked about and read them"
-   (and a pruner that drops an object's tokens loses it). A third of the scenes are reading sheets of 3-8
-   character boxes, so the characters get enough examples.
+   (and a pruner that drops an object's tokens loses it). A character is labelled only on the patches holding a
+   good part of its ink (`glyph_shares`), and a further head reads it from the mean of those patches, the view a
+   decoder head attending to them gets. Nearly half the scenes are reading sheets of 12-24 character boxes (as
+   many as fit), so the characters get enough examples.
 2. **Visual instruction tuning.** The ViT is frozen (as LLaVA's stage 2 does with a pretrained CLIP, and so its
    CLS attention keeps its meaning); its features of `--scenes` benchmark scenes are computed once. Projector and
    decoder learn to answer in multi-turn conversations about one image (`conversation`): the record's own
    question first, in exactly the harness's prompt (`vtprune.harness.build_prompt`), then further questions
-   derived from the scene's objects (`scene_questions`); the loss covers the answers only. One decoder head is
-   guided toward the patches of the objects each question is about (`attention_guidance_loss`, `--guidance`).
-   A validation set (another seed) is scored every 250 steps, teacher-forced.
+   derived from the scene's objects (`scene_questions`); the loss covers the answers only. The circuit that
+   answers is supervised step by step (`--guidance`): the input of decoder layer `--guidance-layer` must name the
+   question's type and the shape and colour it asks about (`QuestionHeads.parse_loss`); that layer's heads, one per
+   question type, are routed to the patches of the objects asked about (`attention_guidance_loss`); and its output
+   must already give the answer through the model's own norm and LM head (`QuestionHeads.readout_loss`). A
+   validation set (another seed) is scored every 250 steps, teacher-forced.
 
 Images are rendered on the fly by `vtprune.eval.synthetic` (training seeds never overlap the held-out seed); a
 fifth are rendered at 224 px and upscaled by the processor, so other benchmark resolutions work too. The result
@@ -64,7 +69,9 @@ THIRDS = 4  # absent, left, middle, right
 KINDS = (*synthetic.SHAPES, "text")
 COVERAGE = 0.2  # a patch is labelled with the object covering at least this fraction of it
 SUBSAMPLES = 4  # per patch side, to measure coverage
-READING_SHEETS = 0.35  # share of stage-1 scenes that are mostly character boxes
+READING_SHEETS = 0.45  # share of stage-1 scenes that are mostly character boxes
+GLYPH_HALF_WIDTH, GLYPH_HALF_HEIGHT = 0.4, 0.56  # the ink of one character, in units of its box's half side
+GLYPH_SHARE = 0.2  # a patch holding at least this share of a character's ink is labelled with the character
 TRAIN_SEED_OFFSET = 10_000  # training data uses seeds seed + TRAIN_SEED_OFFSET + stage; held-out seeds are small
 
 
@@ -101,7 +108,9 @@ def build(seed: int):
     )
     text = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=192, intermediate_size=512, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=True,
+        # One head per question type in the guided layer (`guidance_targets`).
+        num_attention_heads=len(synthetic.QUESTION_TYPES), num_key_value_heads=len(synthetic.QUESTION_TYPES),
+        max_position_embeddings=1024, tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
         # Fan-in scale (1 / sqrt(width)) instead of Llama's 0.02, which is sized for widths near 2048: at width 192
         # it leaves the question-to-image attention too weak to leave the answer-prior plateau in a CPU budget.
@@ -142,8 +151,9 @@ def records(count: int, seed: int, start: int) -> list[synthetic.Record]:
 def pretraining_scenes(count: int, seed: int, start: int) -> list[synthetic.Record]:
     """Richer scenes than the benchmark's for stage 1. Most have 1-6 copies of one (shape, colour) pair, 1-5 other
     shapes and a character box half of the time, so each image teaches counting, reading and localisation at once
-    (the benchmark's records each exercise one question type). A third are reading sheets, 3-8 character boxes
-    among a few shapes: one box per scene taught too few glyphs for the characters to be learnt in a CPU budget."""
+    (the benchmark's records each exercise one question type). 45% are reading sheets, 12-24 character boxes
+    (as many as fit) among a few shapes: one box per scene taught too few glyphs for the characters to be learnt in
+    a CPU budget."""
     out = []
     for i in range(start, start + count):
         rng = random.Random(f"pretrain:{seed}:{i}")
@@ -152,7 +162,7 @@ def pretraining_scenes(count: int, seed: int, start: int) -> list[synthetic.Reco
         shape, colour = rng.choice(PAIRS)
         try:
             if rng.random() < READING_SHEETS:
-                for _ in range(rng.randint(3, 8)):
+                for _ in range(rng.randint(12, 24)):  # as many as fit: the glyphs are the scarcest labels
                     scene.add_character(rng.choice(synthetic.CHARACTERS))
                 scene.distractors(rng.randint(0, 3))
             else:
@@ -180,6 +190,21 @@ def _inside(obj: dict, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return (np.abs(dx) <= r) & (np.abs(dy) <= r)  # the character box
 
 
+def glyph_shares(obj: dict, size: int) -> torch.Tensor:
+    """The share of a character's ink (the central rectangle of its box) inside each of the GRID x GRID patches,
+    computed exactly from the rectangle's overlap with each patch."""
+    step = size / GRID
+    half_w, half_h = GLYPH_HALF_WIDTH * obj["radius"], GLYPH_HALF_HEIGHT * obj["radius"]
+    edges = torch.arange(GRID + 1, dtype=torch.float64) * step
+
+    def overlap(low: float, high: float) -> torch.Tensor:
+        return (torch.minimum(edges[1:], torch.tensor(high)) - torch.maximum(edges[:-1], torch.tensor(low))).clamp(min=0)
+
+    rows = overlap(obj["y"] - half_h, obj["y"] + half_h) / (2 * half_h)
+    cols = overlap(obj["x"] - half_w, obj["x"] + half_w) / (2 * half_w)
+    return (rows[:, None] * cols[None, :]).float()
+
+
 def scene_targets(record: synthetic.Record) -> dict[str, torch.Tensor]:
     """Labels of one scene for vision pretraining (see the module docstring): per scene, each (shape, colour)
     pair's count and horizontal third and the character (ignored, -100, when there are several boxes); per patch,
@@ -201,6 +226,8 @@ def scene_targets(record: synthetic.Record) -> dict[str, torch.Tensor]:
     centre = torch.zeros(GRID, GRID, dtype=torch.long)
     pair_of = torch.full((GRID, GRID), -1, dtype=torch.long)
     boxes = 0
+    box_weights: list[torch.Tensor] = []
+    box_labels: list[int] = []
     xs: dict[int, list[float]] = {}
     for obj in record.objects:
         coverage = _inside(obj, px, py).mean(axis=(2, 3))
@@ -216,7 +243,13 @@ def scene_targets(record: synthetic.Record) -> dict[str, torch.Tensor]:
             index = synthetic.CHARACTERS.index(obj["character"])
             character = torch.tensor(1 + index)
             boxes += 1
-            glyph[mine] = 1 + index
+            # Only the patches that hold a good part of the ink are asked for the character: a patch showing just
+            # the box's border cannot know it, and such labels kept the per-patch reading near chance.
+            glyph[mine] = 0
+            inked = (glyph_shares(obj, size) >= GLYPH_SHARE).flatten()
+            glyph[inked.reshape(GRID, GRID)] = 1 + index
+            box_weights.append(inked.float() / inked.sum().clamp(min=1))
+            box_labels.append(index)
             colour[mine] = 0
             pair_of[mine] = -1
             continue
@@ -234,13 +267,20 @@ def scene_targets(record: synthetic.Record) -> dict[str, torch.Tensor]:
     column_third = 1 + torch.arange(GRID) * 3 // GRID
     return {"counts": counts, "thirds": thirds, "character": character, "kind": kind.flatten(),
             "colour": colour.flatten(), "glyph": glyph.flatten(), "count": count.flatten(),
-            "centre": centre.flatten(), "third": column_third.expand(GRID, GRID).flatten()}
+            "centre": centre.flatten(), "third": column_third.expand(GRID, GRID).flatten(),
+            "box_weights": torch.stack(box_weights) if box_weights else torch.zeros(0, GRID * GRID),
+            "box_labels": torch.tensor(box_labels, dtype=torch.long)}
 
 
 def stacked_targets(data: list[synthetic.Record]) -> dict[str, torch.Tensor]:
-    """`scene_targets` of a batch, each label stacked along a batch dimension."""
+    """`scene_targets` of a batch, each label stacked along a batch dimension; the character boxes (a variable number
+    per scene) concatenated, with ``box_scene`` naming each box's scene."""
     per_record = [scene_targets(r) for r in data]
-    return {key: torch.stack([t[key] for t in per_record]) for key in per_record[0]}
+    boxes = ("box_weights", "box_labels")
+    stacked = {key: torch.stack([t[key] for t in per_record]) for key in per_record[0] if key not in boxes}
+    stacked.update({key: torch.cat([t[key] for t in per_record]) for key in boxes})
+    stacked["box_scene"] = torch.cat([torch.full((len(t["box_labels"]),), i) for i, t in enumerate(per_record)])
+    return stacked
 
 
 def optimizer_step(loss: torch.Tensor, optimizer, scheduler, params: list[torch.nn.Parameter]) -> None:
@@ -262,6 +302,8 @@ class VisionHeads(torch.nn.Module):
         super().__init__()
         self.scene = torch.nn.Linear(width, len(PAIRS) * (MAX_COUNT + 1 + THIRDS) + 1 + len(synthetic.CHARACTERS))
         self.patch = torch.nn.Sequential(torch.nn.LayerNorm(width), torch.nn.Linear(width, sum(PATCH_LABELS.values())))
+        # Reads the character from the mean of its inked patches, the view an LLM head attending to them gets.
+        self.box = torch.nn.Sequential(torch.nn.LayerNorm(width), torch.nn.Linear(width, len(synthetic.CHARACTERS)))
 
     def loss(self, pooled: torch.Tensor, patch_tokens: torch.Tensor, targets: dict) -> tuple[torch.Tensor, dict]:
         logits = self.scene(pooled)
@@ -277,8 +319,17 @@ class VisionHeads(torch.nn.Module):
         }
         accuracy = {
             "counts": (counts.argmax(-1) == targets["counts"]).all(-1).float().mean().item(),
-            "character": (character.argmax(-1) == targets["character"])[targets["character"] >= 0].float().mean().item(),
+            # Over the scenes with one box: class 0 ("no box") is easy and would hide whether anything is read.
+            "character": (character.argmax(-1) == targets["character"])[targets["character"] > 0].float().mean().item(),
         }
+        if len(targets["box_labels"]):
+            pooled_boxes = torch.einsum("kp,kpd->kd", targets["box_weights"], patch_tokens[targets["box_scene"]])
+            box_logits = self.box(pooled_boxes)
+            losses["box"] = 3 * F.cross_entropy(box_logits, targets["box_labels"])
+            accuracy["box"] = (box_logits.argmax(-1) == targets["box_labels"]).float().mean().item()
+        else:
+            losses["box"] = sum(p.sum() for p in self.box.parameters()) * 0
+            accuracy["box"] = float("nan")
         patch_logits = self.patch(patch_tokens).split(list(PATCH_LABELS.values()), dim=-1)
         for (name, _), patch in zip(PATCH_LABELS.items(), patch_logits):
             # Averaged over the patches that show something: nine in ten patches are background, and a mean over
@@ -290,8 +341,7 @@ class VisionHeads(torch.nn.Module):
             elif name == "centre":
                 losses[name] = 5 * F.cross_entropy(patch.flatten(0, 1), targets[name].flatten())
             elif bool((targets[name] > 0).any()):
-                weight = 2 if name == "glyph" else 1  # the hardest label: 22 characters drawn a dozen pixels tall
-                losses[name] = weight * F.cross_entropy(patch.flatten(0, 1), targets[name].flatten(), ignore_index=0)
+                losses[name] = F.cross_entropy(patch.flatten(0, 1), targets[name].flatten(), ignore_index=0)
             else:  # nothing of this kind in the batch (small batches)
                 losses[name] = patch.sum() * 0
             labelled = targets[name] > 0  # accuracy where there is something to see
@@ -321,7 +371,7 @@ def train_vision(model, processor, heads: VisionHeads, steps: int, batch: int, l
         loss, parts = heads.loss(out.pooler_output, out.hidden_states[feature_index][:, 1:], stacked_targets(data))
         optimizer_step(loss, optimizer, scheduler, params)
         if step % 25 == 0 or step == steps - 1:
-            progress.set_postfix(loss=f"{loss.item():.3f}", kind=f"{parts['acc_kind']:.2f}", glyph=f"{parts['acc_glyph']:.2f}", count=f"{parts['acc_count']:.2f}")
+            progress.set_postfix(loss=f"{loss.item():.3f}", kind=f"{parts['acc_kind']:.2f}", box=f"{parts['acc_box']:.2f}", count=f"{parts['acc_count']:.2f}")
             log({"stage": 1, "step": step, "loss": loss.item(), **parts})
     tower.eval()
 
@@ -355,14 +405,14 @@ def scene_questions(record: synthetic.Record, rng: random.Random) -> list[tuple[
     return out
 
 
-def conversation(record: synthetic.Record, rng: random.Random, turns: int) -> list[tuple[str, str]]:
-    """The record's own question first (exactly the benchmark's), then `turns - 1` more about the same image, each
-    of a question type drawn uniformly from those the scene supports."""
-    by_type: dict[str, list[tuple[str, str]]] = {}
-    for kind, question, answer in scene_questions(record, rng):
-        by_type.setdefault(kind, []).append((question, answer))
+def conversation(record: synthetic.Record, rng: random.Random, turns: int) -> list[tuple[str, str, str]]:
+    """``(type, question, answer)`` turns about one image: the record's own question first (exactly the
+    benchmark's), then `turns - 1` more, each of a question type drawn uniformly from those the scene supports."""
+    by_type: dict[str, list[tuple[str, str, str]]] = {}
+    for turn in scene_questions(record, rng):
+        by_type.setdefault(turn[0], []).append(turn)
     kinds = sorted(by_type)
-    chat = [(record.question, record.answer)]
+    chat = [(record.type, record.question, record.answer)]
     for _ in range(turns - 1):
         chat.append(rng.choice(by_type[rng.choice(kinds)]))
     return chat
@@ -389,17 +439,18 @@ def encode_conversation(processor, chat: list[tuple[str, str]], image_tokens: in
 
 
 def relevant_patches(record: synthetic.Record, question: str) -> torch.Tensor:
-    """Which of the GRID x GRID patches show the objects a benchmark question is about (any overlap): the patches
-    the answer must be read from. Empty for an absent pair ("Is there ...?" answered "no")."""
+    """Which of the GRID x GRID patches show the objects a benchmark question is about (any overlap; for the
+    character, the patches holding at least GLYPH_SHARE of its ink): the patches the answer must be read from. Empty
+    for an absent pair ("Is there ...?" answered "no")."""
     words = set(re.findall(r"[a-z]+", question.lower()))
-    if "character" in words:
-        wanted = [o for o in record.objects if o["shape"] == "text"]
-    else:
-        colours = words & set(synthetic.COLOURS)
-        shapes = {s for s in synthetic.SHAPES if s in words or f"{s}s" in words}
-        wanted = [o for o in record.objects if o["shape"] != "text" and (not colours or o["colour"] in colours)
-                  and (not shapes or o["shape"] in shapes)]
     size = record.image.size[0]
+    if "character" in words:  # the patches that hold a good part of the ink, as the glyph labels of stage 1
+        shares = [glyph_shares(o, size) >= GLYPH_SHARE for o in record.objects if o["shape"] == "text"]
+        return torch.stack(shares).any(0).flatten() if shares else torch.zeros(GRID * GRID, dtype=torch.bool)
+    colours = words & set(synthetic.COLOURS)
+    shapes = {s for s in synthetic.SHAPES if s in words or f"{s}s" in words}
+    wanted = [o for o in record.objects if o["shape"] != "text" and (not colours or o["colour"] in colours)
+              and (not shapes or o["shape"] in shapes)]
     step = size / GRID
     centres = (np.arange(GRID * SUBSAMPLES) + 0.5) * step / SUBSAMPLES
     py, px = np.meshgrid(centres, centres, indexing="ij")
@@ -410,12 +461,11 @@ def relevant_patches(record: synthetic.Record, question: str) -> torch.Tensor:
 
 
 class AttentionProbe:
-    """Recomputes one head's attention rows at chosen query positions of one decoder layer (from the layer's own
-    inputs, so SDPA stays on for the forward pass) for the attention-guidance loss of stage 2."""
+    """Recomputes the attention rows of every head of one decoder layer at chosen query positions (from the layer's
+    own inputs, so SDPA stays on for the forward pass) for the attention-guidance loss of stage 2."""
 
-    def __init__(self, model, layer: int, head: int) -> None:
+    def __init__(self, model, layer: int) -> None:
         self.attention = model.model.language_model.layers[layer].self_attn
-        self.head = head
         self.inputs: tuple | None = None
         self.handle = self.attention.register_forward_pre_hook(self._keep, with_kwargs=True)
 
@@ -424,52 +474,101 @@ class AttentionProbe:
         self.inputs = (hidden, kwargs["position_embeddings"])
 
     def rows(self, batch_index: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Attention probabilities (len(positions), sequence) of the head at (batch_index, positions), causal."""
+        """Attention probabilities (len(positions), heads, sequence) at (batch_index, positions), causal."""
         from transformers.models.llama.modeling_llama import rotate_half
 
         hidden, (cos, sin) = self.inputs
         cos, sin = cos.expand(hidden.shape[0], -1, -1), sin.expand(hidden.shape[0], -1, -1)
-        attention, head = self.attention, self.head
+        attention = self.attention
         dim = attention.head_dim
-        rows = slice(head * dim, (head + 1) * dim)
-        query = F.linear(hidden[batch_index, positions], attention.q_proj.weight[rows],
-                         None if attention.q_proj.bias is None else attention.q_proj.bias[rows])
-        key_head = head // attention.num_key_value_groups
-        key_rows = slice(key_head * dim, (key_head + 1) * dim)
-        keys = F.linear(hidden[batch_index], attention.k_proj.weight[key_rows],
-                        None if attention.k_proj.bias is None else attention.k_proj.bias[key_rows])
-        q_cos, q_sin = cos[batch_index, positions], sin[batch_index, positions]
-        query = query * q_cos + rotate_half(query) * q_sin
-        keys = keys * cos[batch_index] + rotate_half(keys) * sin[batch_index]
-        scores = torch.einsum("nd,ntd->nt", query, keys) * attention.scaling
+        query = attention.q_proj(hidden[batch_index, positions]).unflatten(-1, (-1, dim))  # (n, heads, dim)
+        keys = attention.k_proj(hidden).unflatten(-1, (-1, dim))[batch_index]  # (n, sequence, kv heads, dim)
+        keys = keys.repeat_interleave(attention.num_key_value_groups, dim=2)
+        query = query * cos[batch_index, positions, None] + rotate_half(query) * sin[batch_index, positions, None]
+        keys = keys * cos[batch_index, :, None] + rotate_half(keys) * sin[batch_index, :, None]
+        scores = torch.einsum("nhd,nthd->nht", query, keys) * attention.scaling
         causal = torch.arange(hidden.shape[1])[None, :] > positions[:, None]
-        return scores.masked_fill(causal, float("-inf")).softmax(-1)
+        return scores.masked_fill(causal[:, None], float("-inf")).softmax(-1)
 
     def remove(self) -> None:
         self.handle.remove()
 
 
-def attention_guidance_loss(probe: AttentionProbe, input_ids: torch.Tensor, labels: torch.Tensor,
-                            relevant: list[list[torch.Tensor]], image_token_id: int) -> torch.Tensor:
-    """-log of the probed head's attention mass on the relevant patches, at every position that predicts an answer
-    token (a count's first token is a bare space), averaged over the turns that have something relevant."""
-    predicts = labels[:, 1:] != -100  # position t predicts label t + 1
+def answer_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(batch_index, positions, turn_index)`` of every position that predicts an answer token (position t predicts
+    label t + 1), with the conversation turn each belongs to (turns are counted by their answers)."""
+    predicts = labels[:, 1:] != -100
     starts = predicts & ~F.pad(predicts, (1, 0))[:, :-1]
-    turn = starts.long().cumsum(1) - 1
+    turn_of = starts.long().cumsum(1) - 1
     batch_index, positions = predicts.nonzero(as_tuple=True)
+    return batch_index, positions, turn_of[batch_index, positions]
+
+
+def question_labels(question: str) -> tuple[int, int]:
+    """``(shape, colour)`` a benchmark question names, as indices into ``(none, *SHAPES)`` and ``(none, *COLOURS)``."""
+    words = set(re.findall(r"[a-z]+", question.lower()))
+    shape = next((1 + i for i, s in enumerate(synthetic.SHAPES) if s in words or f"{s}s" in words), 0)
+    colour = next((1 + i for i, c in enumerate(COLOURS) if c in words), 0)
+    return shape, colour
+
+
+class QuestionHeads(torch.nn.Module):
+    """Stage-2 deep supervision, discarded after training. `parse` reads, from the input of the guided layer at each
+    answer position, the question's type and the shape and colour it names: what the guided heads must look up.
+    `readout_loss` scores the answer from the guided layer's output through the model's own final norm and LM head,
+    so each head's output projection learns to turn what it read into the answer word directly."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.sizes = (len(synthetic.QUESTION_TYPES), 1 + len(synthetic.SHAPES), 1 + len(COLOURS))
+        self.parse = torch.nn.Sequential(torch.nn.LayerNorm(width), torch.nn.Linear(width, sum(self.sizes)))
+
+    def parse_loss(self, hidden: torch.Tensor, labels: torch.Tensor, chats: list[list[tuple[str, str, str]]]) -> torch.Tensor:
+        batch_index, positions, turn_index = answer_positions(labels)
+        if not len(positions):
+            return hidden.new_zeros(())
+        wanted = torch.tensor([[synthetic.QUESTION_TYPES.index(chats[b][turn][0]), *question_labels(chats[b][turn][1])]
+                               for b, turn in zip(batch_index.tolist(), turn_index.tolist())])
+        logits = self.parse(hidden[batch_index, positions]).split(list(self.sizes), dim=-1)
+        return sum(F.cross_entropy(part, wanted[:, i]) for i, part in enumerate(logits)) / len(logits)
+
+    @staticmethod
+    def readout_loss(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = model.lm_head(model.model.language_model.norm(hidden))
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+
+
+def guidance_targets(input_ids: torch.Tensor, labels: torch.Tensor, turns: list[list[tuple[str, torch.Tensor]]],
+                     image_token_id: int, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where each head of the guided layer should look from every position that predicts an answer token:
+    ``(batch_index, positions, targets)`` with ``targets`` (positions, heads, sequence) boolean. Head ``i`` serves
+    question type ``QUESTION_TYPES[i]``: on its own type's turns it looks at the patches of the objects asked about
+    (`relevant_patches`), on every other turn (and for an absent object) at the first token, a sink. The layer then
+    reads each attribute through its own head, so turning what is read into the answer is linear."""
+    if heads != len(synthetic.QUESTION_TYPES):
+        raise ValueError(f"routing needs one head per question type ({len(synthetic.QUESTION_TYPES)}), the layer has {heads}")
+    batch_index, positions, turn_index = answer_positions(labels)
     image_slots = input_ids == image_token_id
-    targets, keep = [], []
-    for n, (b, t) in enumerate(zip(batch_index.tolist(), positions.tolist())):
-        mask = torch.zeros(input_ids.shape[1], dtype=torch.bool)
-        mask[image_slots[b]] = relevant[b][int(turn[b, t])]
-        if mask.any():
-            targets.append(mask)
-            keep.append(n)
-    if not keep:
+    targets = torch.zeros(len(positions), heads, input_ids.shape[1], dtype=torch.bool)
+    targets[:, :, 0] = True
+    for n, (b, turn) in enumerate(zip(batch_index.tolist(), turn_index.tolist())):
+        kind, relevant = turns[b][turn]
+        if relevant.any():
+            head = synthetic.QUESTION_TYPES.index(kind)
+            targets[n, head, 0] = False
+            targets[n, head, image_slots[b].nonzero()[:, 0]] = relevant
+    return batch_index, positions, targets
+
+
+def attention_guidance_loss(probe: AttentionProbe, input_ids: torch.Tensor, labels: torch.Tensor,
+                            turns: list[list[tuple[str, torch.Tensor]]], image_token_id: int) -> torch.Tensor:
+    """-log of each head's attention mass where `guidance_targets` sends it, averaged over the heads and the
+    positions that predict an answer token (a count's first token is a bare space)."""
+    heads = probe.attention.config.num_attention_heads
+    batch_index, positions, targets = guidance_targets(input_ids, labels, turns, image_token_id, heads)
+    if not len(positions):
         return input_ids.new_zeros((), dtype=torch.float)
-    keep_t = torch.tensor(keep)
-    attention = probe.rows(batch_index[keep_t], positions[keep_t])
-    mass = (attention * torch.stack(targets)).sum(-1)
+    mass = (probe.rows(batch_index, positions) * targets).sum(-1)
     return -(mass + 1e-6).log().mean()
 
 
@@ -497,12 +596,12 @@ def _batch_tensors(rows: list[tuple[list[int], list[int]]], pad: int) -> tuple[t
     return input_ids, labels, attention_mask
 
 
-def _language_logits(model, input_ids, attention_mask, features):
+def _language_forward(model, input_ids, attention_mask, features, hidden_states: bool = False):
     embeds = model.get_input_embeddings()(input_ids)
     visual = model.model.multi_modal_projector(features.float())
     slots = (input_ids == model.config.image_token_id)[..., None].expand_as(embeds)
     embeds = embeds.masked_scatter(slots, visual.to(embeds.dtype))
-    return model(inputs_embeds=embeds, attention_mask=attention_mask).logits
+    return model(inputs_embeds=embeds, attention_mask=attention_mask, output_hidden_states=hidden_states)
 
 
 @torch.no_grad()
@@ -515,7 +614,7 @@ def validation_accuracy(model, processor, data, features, batch: int = 50) -> di
         chunk = range(start, min(start + batch, len(data)))
         rows = [encode_conversation(processor, [(data[i].question, data[i].answer)], GRID * GRID) for i in chunk]
         input_ids, labels, attention_mask = _batch_tensors(rows, processor.tokenizer.pad_token_id)
-        predicted = _language_logits(model, input_ids, attention_mask, features[list(chunk)]).argmax(-1)
+        predicted = _language_forward(model, input_ids, attention_mask, features[list(chunk)]).logits.argmax(-1)
         for row, i in enumerate(chunk):
             positions = (labels[row] != -100).nonzero()[:, 0]
             correct = bool((predicted[row, positions - 1] == labels[row, positions]).all())
@@ -532,10 +631,16 @@ def train_language(model, processor, steps: int, batch: int, lr: float, scenes: 
     meaning stage 1 gave it). The ViT's features of `scenes` benchmark scenes are computed once; each step draws
     `batch` of them and a fresh `turns`-turn conversation about each.
 
-    Attention guidance: one head of decoder layer `guidance_layer`, at the position that predicts an answer, is
-    pulled (loss weight `guidance`) toward the patches of the objects the question is about. Answering needs a
-    two-hop circuit (gather the question's words, then look them up among the patches) that a decoder trained from
-    scratch otherwise takes thousands of steps to find, sitting on the answer priors meanwhile."""
+    Attention guidance (loss weight `guidance`): the heads of decoder layer `guidance_layer`, at the positions that
+    predict an answer, are routed one per question type (`guidance_targets`): the head of the question's type to
+    the patches of the objects asked about, the others to a sink. Answering needs a two-hop circuit (gather the
+    question's words, then look them up among the patches) and a question-dependent choice of what to read; a
+    decoder trained from scratch otherwise sits on the answer priors for thousands of steps (attempts 1-3). With
+    guidance on, two further losses (weight 1 each, `QuestionHeads`) supervise the hops before and after it: the
+    guided layer's input must name what to look up, and its output must already give the answer."""
+    if guidance and not 0 <= guidance_layer < model.config.text_config.num_hidden_layers - 1:
+        raise ValueError(f"guidance_layer must be below the last decoder layer (0..{model.config.text_config.num_hidden_layers - 2}): "
+                         f"the readout loss reads the layer's output before the final norm; got {guidance_layer}")
     tower = model.model.vision_tower
     tower.eval().requires_grad_(False)
     data = []
@@ -545,14 +650,17 @@ def train_language(model, processor, steps: int, batch: int, lr: float, scenes: 
                           tqdm(range(0, scenes, 1024), desc="stage 2: vision features")])
     validation = records(validation_size, seed + TRAIN_SEED_OFFSET + 3, 0)
     validation_features = vision_features(model, processor, validation)
+    question_heads = QuestionHeads(model.config.text_config.hidden_size)
     params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")]
+    if guidance:
+        params += list(question_heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, steps, max(1, steps // 20)))
     rng = random.Random(f"language:{seed}")
     order: list[int] = []
     image_tokens = GRID * GRID
     pad = processor.tokenizer.pad_token_id
-    probe = AttentionProbe(model, guidance_layer, head=0) if guidance else None
+    probe = AttentionProbe(model, guidance_layer) if guidance else None
     model.train()
     tower.eval()
     progress = tqdm(range(steps), desc="stage 2: visual instruction tuning")
@@ -561,20 +669,23 @@ def train_language(model, processor, steps: int, batch: int, lr: float, scenes: 
             order += rng.sample(range(scenes), scenes)
         chosen, order = order[:batch], order[batch:]
         chats = [conversation(data[i], rng, turns) for i in chosen]
-        rows = [encode_conversation(processor, chat, image_tokens) for chat in chats]
+        rows = [encode_conversation(processor, [(q, a) for _, q, a in chat], image_tokens) for chat in chats]
         input_ids, labels, attention_mask = _batch_tensors(rows, pad)
-        logits = _language_logits(model, input_ids, attention_mask, features[chosen])
-        answer_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+        out = _language_forward(model, input_ids, attention_mask, features[chosen], hidden_states=probe is not None)
+        answer_loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
         loss = answer_loss
+        parts = {}
         if probe is not None:
-            relevant = [[relevant_patches(data[i], question) for question, _ in chat] for i, chat in zip(chosen, chats)]
-            guide = attention_guidance_loss(probe, input_ids, labels, relevant, model.config.image_token_id)
-            loss = loss + guidance * guide
+            turns_seen = [[(kind, relevant_patches(data[i], question)) for kind, question, _ in chat] for i, chat in zip(chosen, chats)]
+            parts["guidance_loss"] = attention_guidance_loss(probe, input_ids, labels, turns_seen, model.config.image_token_id)
+            parts["parse_loss"] = question_heads.parse_loss(out.hidden_states[guidance_layer], labels, chats)
+            parts["readout_loss"] = question_heads.readout_loss(model, out.hidden_states[guidance_layer + 1], labels)
+            loss = loss + guidance * parts["guidance_loss"] + parts["parse_loss"] + parts["readout_loss"]
         optimizer_step(loss, optimizer, scheduler, params)
         validate = (step + 1) % 250 == 0 or step == steps - 1
         if step % 25 == 0 or validate:
-            progress.set_postfix(loss=f"{answer_loss.item():.3f}", guide=f"{(loss - answer_loss).item():.3f}")
-            entry = {"stage": 2, "step": step, "loss": answer_loss.item(), "guidance_loss": (loss - answer_loss).item()}
+            progress.set_postfix(loss=f"{answer_loss.item():.3f}", **{k.split("_")[0]: f"{v.item():.3f}" for k, v in parts.items()})
+            entry = {"stage": 2, "step": step, "loss": answer_loss.item(), **{k: v.item() for k, v in parts.items()}}
             if validate:
                 entry["validation"] = validation_accuracy(model, processor, validation, validation_features)
                 tqdm.write(f"step {step + 1}: loss {answer_loss.item():.3f}, validation {entry['validation']}")
@@ -603,16 +714,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for save_pretrained (e.g. assets/vtprune-tiny-llava)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vision-steps", type=int, default=1000)
+    parser.add_argument("--vision-steps", type=int, default=2000)
     parser.add_argument("--vision-batch", type=int, default=64)
     parser.add_argument("--vision-lr", type=float, default=1e-3)
-    parser.add_argument("--language-steps", type=int, default=3000)
+    parser.add_argument("--language-steps", type=int, default=1500)
     parser.add_argument("--language-batch", type=int, default=32)
     parser.add_argument("--language-lr", type=float, default=2e-3)
-    parser.add_argument("--scenes", type=int, default=24_000, help="benchmark scenes of stage 2 (ViT features computed once)")
-    parser.add_argument("--turns", type=int, default=4, help="questions per image in one stage-2 conversation")
+    parser.add_argument("--scenes", type=int, default=16_000, help="benchmark scenes of stage 2 (ViT features computed once)")
+    parser.add_argument("--turns", type=int, default=6, help="questions per image in one stage-2 conversation")
     parser.add_argument("--guidance", type=float, default=5.0, help="weight of the stage-2 attention-guidance loss (0: off)")
-    parser.add_argument("--guidance-layer", type=int, default=2, help="decoder layer whose head 0 is guided")
+    parser.add_argument("--guidance-layer", type=int, default=2, help="decoder layer whose heads are guided, one per question type")
     parser.add_argument("--validation-size", type=int, default=300, help="stage-2 validation scenes (another seed)")
     parser.add_argument("--eval-size", type=int, default=600, help="held-out records (cycling through the 6 types)")
     parser.add_argument("--eval-seed", type=int, default=1000, help="the benchmark seed of configs/benchmark")

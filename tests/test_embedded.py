@@ -150,7 +150,9 @@ def test_training_questions_agree_with_the_benchmark():
             continue
         assert derived[record.question] == record.answer, (record.type, record.question)
     chat = train.conversation(record, random.Random(1), turns=4)
-    assert chat[0] == (record.question, record.answer) and len(chat) == 4
+    assert chat[0] == (record.type, record.question, record.answer) and len(chat) == 4
+    for kind, question, reply in chat[1:]:
+        assert (kind, question, reply) in train.scene_questions(record, random.Random(0)) or (kind, reply) == ("exists", "no")
 
 
 def test_training_prompt_is_the_harness_prompt_tokenised_as_the_processor_does():
@@ -188,12 +190,32 @@ def test_vision_pretraining_labels_of_a_hand_made_scene():
     assert count[1, 1] == 1 and int((count > 0).sum()) == 1  # one red square; the box has no count
     assert third[:, :4].eq(1).all() and third[:, 4:8].eq(2).all() and third[:, 8:].eq(3).all()
     # A box centred on a patch corner covers less than COVERAGE of each of the four patches, yet still labels its
-    # best-covered ones (here all four tie); with two boxes the scene-level character is ignored (-100).
+    # best-covered ones (here all four tie), and each holds a quarter of the ink, so all four are asked for the
+    # character; with two boxes the scene-level character is ignored (-100).
     objects.append({"shape": "text", "colour": "white", "x": 168.0, "y": 168.0, "radius": 9.0, "character": "7"})
     targets = train.scene_targets(synthetic.Record(0, image, "", "", "pretraining", objects))
     seven = (targets["glyph"].reshape(12, 12) == 1 + synthetic.CHARACTERS.index("7")).nonzero().tolist()
     assert seven == [[5, 5], [5, 6], [6, 5], [6, 6]]
+    assert targets["kind"].reshape(12, 12)[5:7, 5:7].eq(text).all()
     assert targets["character"] == -100
+    # The pooled character head reads each box from the mean of its inked patches.
+    assert targets["box_labels"].tolist() == [synthetic.CHARACTERS.index("K"), synthetic.CHARACTERS.index("7")]
+    assert targets["box_weights"][0].nonzero()[:, 0].tolist() == [10] and float(targets["box_weights"][0, 10]) == 1.0
+    assert targets["box_weights"][1].nonzero()[:, 0].tolist() == [65, 66, 77, 78]
+    torch.testing.assert_close(targets["box_weights"][1, [65, 66, 77, 78]], torch.full((4,), 0.25))
+    batch = train.stacked_targets([synthetic.Record(0, image, "", "", "pretraining", objects[:1]),
+                                   synthetic.Record(1, image, "", "", "pretraining", objects)])
+    assert batch["box_scene"].tolist() == [1, 1] and batch["box_weights"].shape == (2, 144)
+    assert batch["kind"].shape == (2, 144)
+    # A box whose border reaches into the next patch (x 37-63, that patch from 56): both patches show the box, but
+    # only the one holding the ink (x 44.8-55.2) is asked for the character.
+    box = {"shape": "text", "colour": "white", "x": 50.0, "y": 98.0, "radius": 13.0, "character": "A"}
+    targets = train.scene_targets(synthetic.Record(0, image, "", "", "pretraining", [box]))
+    kind, glyph = targets["kind"].reshape(12, 12), targets["glyph"].reshape(12, 12)
+    assert kind[3, 1] == text and kind[3, 2] == text and int((kind > 0).sum()) == 2
+    assert glyph[3, 1] == 1 + synthetic.CHARACTERS.index("A") and int((glyph > 0).sum()) == 1
+    shares = train.glyph_shares(box, 336)
+    assert abs(float(shares.sum()) - 1) < 1e-6 and float(shares[3, 1]) == 1.0
 
 
 def test_relevant_patches_are_those_of_the_objects_asked_about():
@@ -216,7 +238,7 @@ def test_relevant_patches_are_those_of_the_objects_asked_about():
     assert patches("Is there a blue circle?") == set()
 
 
-def test_attention_probe_equals_the_eager_attention_of_the_guided_head():
+def test_attention_probe_equals_the_eager_attention_and_the_routing_loss_its_hand_computation():
     import random
 
     train = _training_module()
@@ -225,32 +247,73 @@ def test_attention_probe_equals_the_eager_attention_of_the_guided_head():
     records = train.records(3, 5, 0)
     rng = random.Random(0)
     chats = [train.conversation(r, rng, 3) for r in records]
-    rows = [train.encode_conversation(processor, chat, train.GRID**2) for chat in chats]
+    rows = [train.encode_conversation(processor, [(q, a) for _, q, a in chat], train.GRID**2) for chat in chats]
     input_ids, labels, attention_mask = train._batch_tensors(rows, processor.tokenizer.pad_token_id)
-    probe = train.AttentionProbe(model, layer=2, head=0)
+    probe = train.AttentionProbe(model, layer=2)
     features = torch.randn(3, train.GRID**2, model.config.vision_config.hidden_size)
     embeds = model.get_input_embeddings()(input_ids)
     visual = model.model.multi_modal_projector(features)
     slots = (input_ids == model.config.image_token_id)[..., None].expand_as(embeds)
     out = model(inputs_embeds=embeds.masked_scatter(slots, visual), attention_mask=attention_mask, output_attentions=True)
     batch_index, positions = torch.tensor([0, 1, 2, 2]), torch.tensor([150, 160, 170, 175])
-    expected = out.attentions[2][:, 0][batch_index, positions]
+    expected = out.attentions[2][batch_index, :, positions]
     torch.testing.assert_close(probe.rows(batch_index, positions), expected, rtol=1e-5, atol=1e-6)
-    relevant = [[train.relevant_patches(r, q) for q, _ in chat] for r, chat in zip(records, chats)]
-    loss = train.attention_guidance_loss(probe, input_ids, labels, relevant, model.config.image_token_id)
-    terms = []
+    turns = [[(kind, train.relevant_patches(r, q)) for kind, q, _ in chat] for r, chat in zip(records, chats)]
+    loss = train.attention_guidance_loss(probe, input_ids, labels, turns, model.config.image_token_id)
+    # By hand: the head of the turn's question type looks at the relevant patches (if any), every other head at
+    # the first token.
+    terms, routed = [], 0
     for b in range(len(records)):
         image = (input_ids[b] == model.config.image_token_id).nonzero()[:, 0]
         answered = (labels[b] != -100).nonzero()[:, 0].tolist()  # label t is predicted at position t - 1
         turn = -1
         for t in answered:
             turn += t - 1 not in answered
-            if relevant[b][turn].any():
-                terms.append(-torch.log(out.attentions[2][b, 0, t - 1][image][relevant[b][turn]].sum() + 1e-6))
-    assert len(terms) >= 6
+            kind, relevant = turns[b][turn]
+            for head in range(len(synthetic.QUESTION_TYPES)):
+                row = out.attentions[2][b, head, t - 1]
+                if head == synthetic.QUESTION_TYPES.index(kind) and relevant.any():
+                    terms.append(-torch.log(row[image][relevant].sum() + 1e-6))
+                    routed += 1
+                else:
+                    terms.append(-torch.log(row[0] + 1e-6))
+    assert routed >= 6 and len(terms) == len(synthetic.QUESTION_TYPES) * len(labels[labels != -100])
     torch.testing.assert_close(loss, torch.stack(terms).mean())
     probe.remove()
 
+
+def test_question_heads_parse_the_asked_objects_and_read_the_answer_through_the_lm_head():
+    import random
+
+    import torch.nn.functional as F
+
+    train = _training_module()
+    assert train.question_labels("How many red circles are there?") == (1 + synthetic.SHAPES.index("circle"), 1 + train.COLOURS.index("red"))
+    assert train.question_labels("What colour is the square?") == (1 + synthetic.SHAPES.index("square"), 0)
+    assert train.question_labels("What character is written in the white box?") == (0, 0)
+    model, processor = train.build(0)
+    records = train.records(2, 5, 0)
+    rng = random.Random(0)
+    chats = [train.conversation(r, rng, 3) for r in records]
+    rows = [train.encode_conversation(processor, [(q, a) for _, q, a in chat], train.GRID**2) for chat in chats]
+    input_ids, labels, _ = train._batch_tensors(rows, processor.tokenizer.pad_token_id)
+    batch_index, positions, turn_index = train.answer_positions(labels)
+    assert len(positions) == int((labels != -100).sum())
+    for b, t, turn in zip(batch_index.tolist(), positions.tolist(), turn_index.tolist()):
+        # position t predicts label t + 1, which lies inside the answer of turn `turn`
+        answers = processor.tokenizer.decode([x for x in labels[b].tolist() if x != -100]).split("</s>")
+        assert labels[b, t + 1] != -100 and answers[turn].strip() == chats[b][turn][2]
+    heads = train.QuestionHeads(model.config.text_config.hidden_size)
+    hidden = torch.randn(*input_ids.shape, model.config.text_config.hidden_size)
+    types, shapes, colours = heads.parse(hidden[batch_index, positions]).split(list(heads.sizes), dim=-1)
+    wanted = [(synthetic.QUESTION_TYPES.index(chats[b][turn][0]), *train.question_labels(chats[b][turn][1]))
+              for b, turn in zip(batch_index.tolist(), turn_index.tolist())]
+    expected = sum(F.cross_entropy(part, torch.tensor([w[i] for w in wanted])) for i, part in enumerate((types, shapes, colours))) / 3
+    torch.testing.assert_close(heads.parse_loss(hidden, labels, chats), expected)
+    # The readout through the model's own norm and LM head, at the positions that predict answer tokens.
+    logits = model.lm_head(model.model.language_model.norm(hidden))
+    by_hand = torch.stack([F.cross_entropy(logits[b, t], labels[b, t + 1]) for b, t in zip(batch_index, positions)]).mean()
+    torch.testing.assert_close(heads.readout_loss(model, hidden, labels), by_hand)
 
 
 def test_training_script_runs_end_to_end_and_saves_a_loadable_model(tmp_path):
