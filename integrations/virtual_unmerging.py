@@ -27,6 +27,7 @@ import torch
 
 from vtprune.errors import UnsupportedModelError
 from vtprune.merging.vtu import VirtualMap, expand, scatter_mean, virtual_attention_mask
+from vtprune.patching import past_cache
 
 _ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "layer_idx", "scaling", "num_key_value_groups")
 
@@ -100,7 +101,7 @@ class VirtualUnmerging:
 
     # ------------------------------------------------------------------ per call
     def _on_call(self, module, args, kwargs) -> None:
-        cache = kwargs.get("past_key_values")
+        cache = past_cache(kwargs)
         mask = kwargs.get("attention_mask")
         self.mask2d = mask if torch.is_tensor(mask) and mask.ndim == 2 else None
         if cache is None or cache.get_seq_length() == 0:  # a prefill: virtual only if announced
@@ -127,10 +128,13 @@ class VirtualUnmerging:
     def _make_forward(self, attn: torch.nn.Module, original):
         rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
 
-        def forward(hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        def forward(hidden_states, *args, **kwargs):
             if self.active is None:
-                return original(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
-            return self._virtual_attention(attn, rotate, hidden_states, past_key_values)
+                return original(hidden_states, *args, **kwargs)
+            # (position_embeddings, attention_mask, cache) positionally; the cache's keyword is ``cache`` from
+            # transformers 5.24 on, ``past_key_values`` before.
+            cache = args[2] if len(args) > 2 else past_cache(kwargs)
+            return self._virtual_attention(attn, rotate, hidden_states, cache)
 
         return forward
 

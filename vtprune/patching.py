@@ -37,6 +37,13 @@ class _DecodeSession:
     position_shift: torch.Tensor | None  # [B]: next position minus cache length, when vtprune built the positions
 
 
+def past_cache(inputs: dict):
+    """The KV cache of a forward call: transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name is
+    still accepted), so either may carry it."""
+    cache = inputs.get("cache")
+    return cache if cache is not None else inputs.get("past_key_values")
+
+
 def _bind(method, args: tuple, kwargs: dict) -> dict:
     signature = inspect.signature(method)
     bound = signature.bind_partial(*args, **kwargs)
@@ -206,7 +213,7 @@ class VLMSplice:
         if not self.integration.has_visual_input(inputs):
             self._follow_session(inputs)
             return self._original_forward(**inputs)
-        cache = inputs.get("past_key_values")
+        cache = past_cache(inputs)
         if cache is not None and cache.get_seq_length() > 0:
             raise NotImplementedError(
                 "vtprune prunes images at prefill; a call with images and a non-empty cache is not supported"
@@ -231,7 +238,7 @@ class VLMSplice:
 
     def _follow_session(self, inputs: dict) -> None:
         """Translate a decode step written against the unpruned length to the pruned cache."""
-        session, cache = self._session, inputs.get("past_key_values")
+        session, cache = self._session, past_cache(inputs)
         if session is None:
             return
         if cache is None or cache.get_seq_length() == 0:
