@@ -442,13 +442,11 @@ def relevant_patches(record: synthetic.Record, question: str) -> torch.Tensor:
     """Which of the GRID x GRID patches show the objects a benchmark question is about (any overlap; for the
     character, the patches holding at least GLYPH_SHARE of its ink): the patches the answer must be read from. Empty
     for an absent pair ("Is there ...?" answered "no")."""
-    words = set(re.findall(r"[a-z]+", question.lower()))
+    shapes, colours, character = named_in(question)
     size = record.image.size[0]
-    if "character" in words:  # the patches that hold a good part of the ink, as the glyph labels of stage 1
+    if character:  # the patches that hold a good part of the ink, as the glyph labels of stage 1
         shares = [glyph_shares(o, size) >= GLYPH_SHARE for o in record.objects if o["shape"] == "text"]
         return torch.stack(shares).any(0).flatten() if shares else torch.zeros(GRID * GRID, dtype=torch.bool)
-    colours = words & set(synthetic.COLOURS)
-    shapes = {s for s in synthetic.SHAPES if s in words or f"{s}s" in words}
     wanted = [o for o in record.objects if o["shape"] != "text" and (not colours or o["colour"] in colours)
               and (not shapes or o["shape"] in shapes)]
     step = size / GRID
@@ -504,12 +502,17 @@ def answer_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     return batch_index, positions, turn_of[batch_index, positions]
 
 
+def named_in(question: str) -> tuple[list[str], list[str], bool]:
+    """The shapes and colours a benchmark question names (plurals included), and whether it asks for the character."""
+    words = set(re.findall(r"[a-z]+", question.lower()))
+    shapes = [s for s in synthetic.SHAPES if s in words or f"{s}s" in words]
+    return shapes, [c for c in COLOURS if c in words], "character" in words
+
+
 def question_labels(question: str) -> tuple[int, int]:
     """``(shape, colour)`` a benchmark question names, as indices into ``(none, *SHAPES)`` and ``(none, *COLOURS)``."""
-    words = set(re.findall(r"[a-z]+", question.lower()))
-    shape = next((1 + i for i, s in enumerate(synthetic.SHAPES) if s in words or f"{s}s" in words), 0)
-    colour = next((1 + i for i, c in enumerate(COLOURS) if c in words), 0)
-    return shape, colour
+    shapes, colours, _ = named_in(question)
+    return (1 + synthetic.SHAPES.index(shapes[0]) if shapes else 0), (1 + COLOURS.index(colours[0]) if colours else 0)
 
 
 class QuestionHeads(torch.nn.Module):
