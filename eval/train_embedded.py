@@ -1,6 +1,6 @@
 """Train vtprune's embedded VLM: a small LLaVA-1.5-style model that answers the synthetic benchmark.
 
-    python eval/train_embedded.py --out assets/vtprune-tiny-llava        # both stages, about 100 min on 2 CPU cores
+    python eval/train_embedded.py --out assets/vtprune-tiny-llava        # both stages, about 2 hours on 2 CPU cores
     python eval/train_embedded.py --out /tmp/stage1 --save-vision /tmp/stage1 --language-steps 0   # stage 1 only
     python eval/train_embedded.py --out /tmp/model --init-vision /tmp/stage1 --vision-steps 0      # stage 2 only
     python eval/train_embedded.py --out /tmp/smoke --vision-steps 20 --language-steps 20 --scenes 64 --eval-size 12
@@ -18,10 +18,10 @@ Two stages, as LLaVA does it, adapted to training from scratch:
    in, and the character in the white box (if any): this is what makes the CLS attention of the late layers point
    at the objects, the signal FasterVLM / VisionZip read. Dense heads on the feature layer's patch tokens name,
    per patch, the kind, colour and character of the object covering it, how many objects of its (shape, colour)
-   the scene holds, whether an object's centre lies in it, and the patch's own horizontal third
-   (`scene_targets`), averaged over the patches that show something, so the tokens the LLM receives carry their
-   content locally: every benchmark question becomes "find the patches of the object asked about and read them"
-   (and a pruner that drops an object's tokens loses it). A character is labelled only on the patches holding a
+   the scene holds, whether an object's centre lies in it, its share of each object's boundary turning
+   (`turning_shares`) and the patch's own horizontal third (`scene_targets`), averaged over the patches that show
+   something, so the tokens the LLM receives carry their content locally: every benchmark question becomes "find
+   the patches of the object asked about and read them" (and a pruner that drops an object's tokens loses it). A character is labelled only on the patches holding a
    good part of its ink (`glyph_shares`), and a further head reads it from the mean of those patches, the view a
    decoder head attending to them gets. Nearly half the scenes are reading sheets of 12-24 character boxes (as
    many as fit), so the characters get enough examples.
@@ -32,9 +32,10 @@ Two stages, as LLaVA does it, adapted to training from scratch:
    derived from the scene's objects (`scene_questions`); the loss covers the answers only. The circuit that
    answers is supervised step by step (`--guidance`): the input of decoder layer `--guidance-layer` must name the
    question's type and the shape and colour it asks about (`QuestionHeads.parse_loss`); that layer's heads, one per
-   question type, are routed to the patches of the objects asked about (`attention_guidance_loss`); and its output
-   must already give the answer through the model's own norm and LM head (`QuestionHeads.readout_loss`). A
-   validation set (another seed) is scored every 250 steps, teacher-forced.
+   question type, are routed to the patches of the objects asked about (`attention_guidance_loss`; the count head
+   to match one share on each object's centre against a sink, so that it counts, `guidance_pattern`); and its
+   output must already give the answer through the model's own norm and LM head (`QuestionHeads.readout_loss`).
+   A validation set (another seed) is scored every 250 steps, teacher-forced.
 
 Images are rendered on the fly by `vtprune.eval.synthetic` (training seeds never overlap the held-out seed); a
 fifth are rendered at 224 px and upscaled by the processor, so other benchmark resolutions work too. The result
@@ -73,6 +74,15 @@ READING_SHEETS = 0.45  # share of stage-1 scenes that are mostly character boxes
 GLYPH_HALF_WIDTH, GLYPH_HALF_HEIGHT = 0.4, 0.56  # the ink of one character, in units of its box's half side
 GLYPH_SHARE = 0.2  # a patch holding at least this share of a character's ink is labelled with the character
 TRAIN_SEED_OFFSET = 10_000  # training data uses seeds seed + TRAIN_SEED_OFFSET + stage; held-out seeds are small
+# The count head's attention target gives the sink the weight of this many objects, so the mass it puts on the objects'
+# centres, n / (n + COUNT_SINK), tells the count (6 separates 5 objects from 6 best). Read out of the frozen attempt-5
+# ViT's features pooled this way, it names the count of 97% of held-out questions, against 72% for the mean over the
+# objects' patches of attempts 1-5 (`eval/probe_vit.py`, assets/README).
+COUNT_SINK = 6.0
+# Question types whose head must match its target pattern exactly (`guidance_targets`); the others need only put their
+# mass on it.
+EXACT_PATTERN_TYPES = ("count",)
+CENTRE_WEIGHT = 20  # stage 1: 5 in attempt 5; counting by attention needs the one centre patch of each object found
 
 
 def benchmark_texts() -> list[str]:
@@ -205,11 +215,44 @@ def glyph_shares(obj: dict, size: int) -> torch.Tensor:
     return (rows[:, None] * cols[None, :]).float()
 
 
+def turning_shares(objects: list[dict], size: int) -> torch.Tensor:
+    """Per patch (GRID x GRID, flattened), its share of each shape's boundary turning: a circle's arc length inside it
+    over 2 pi r (360 boundary samples), a square's corners at 1/4 each, a triangle's vertices at their exterior angle
+    over 2 pi. One shape's shares sum to 1, and each depends only on what the patch shows of the boundary, so a patch
+    can tell its own without knowing the object's size or centre; an attention head weighting patches by them counts
+    objects (stage 1, `VisionHeads`)."""
+    step = size / GRID
+    shares = np.zeros((GRID, GRID))
+
+    def add(x: np.ndarray, y: np.ndarray, weight: float) -> None:
+        rows = np.clip((np.asarray(y) / step).astype(int), 0, GRID - 1)
+        cols = np.clip((np.asarray(x) / step).astype(int), 0, GRID - 1)
+        np.add.at(shares, (rows, cols), weight)
+
+    apex = 2 * math.atan(1 / 1.8)  # the triangle of `synthetic`: apex (x, y - r), base corners (x -+ r, y + 0.8 r)
+    base = (math.pi - apex) / 2
+    for obj in objects:
+        x, y, r = obj["x"], obj["y"], obj["radius"]
+        if obj["shape"] == "circle":
+            angles = (np.arange(360) + 0.5) / 360 * 2 * math.pi
+            add(x + r * np.cos(angles), y + r * np.sin(angles), 1 / 360)
+        elif obj["shape"] == "square":
+            for dx in (-0.9 * r, 0.9 * r):
+                for dy in (-0.9 * r, 0.9 * r):
+                    add(x + dx, y + dy, 0.25)
+        elif obj["shape"] == "triangle":
+            add(x, y - r, (math.pi - apex) / (2 * math.pi))
+            add(x - r, y + 0.8 * r, (math.pi - base) / (2 * math.pi))
+            add(x + r, y + 0.8 * r, (math.pi - base) / (2 * math.pi))
+    return torch.tensor(shares.flatten(), dtype=torch.float32)
+
+
 def scene_targets(record: synthetic.Record) -> dict[str, torch.Tensor]:
     """Labels of one scene for vision pretraining (see the module docstring): per scene, each (shape, colour)
     pair's count and horizontal third and the character (ignored, -100, when there are several boxes); per patch,
     the kind, colour and character of the object covering it, how many objects of that (shape, colour) the scene
-    holds, whether an object's centre lies in it, and the horizontal third of the patch itself."""
+    holds, whether an object's centre lies in it, its share of the shapes' boundary turning (`turning_shares`, at
+    most 1) and the horizontal third of the patch itself."""
     counts = torch.zeros(len(PAIRS), dtype=torch.long)
     thirds = torch.zeros(len(PAIRS), dtype=torch.long)
     character = torch.zeros((), dtype=torch.long)
@@ -269,7 +312,8 @@ def scene_targets(record: synthetic.Record) -> dict[str, torch.Tensor]:
             "colour": colour.flatten(), "glyph": glyph.flatten(), "count": count.flatten(),
             "centre": centre.flatten(), "third": column_third.expand(GRID, GRID).flatten(),
             "box_weights": torch.stack(box_weights) if box_weights else torch.zeros(0, GRID * GRID),
-            "box_labels": torch.tensor(box_labels, dtype=torch.long)}
+            "box_labels": torch.tensor(box_labels, dtype=torch.long),
+            "turning": turning_shares(record.objects, size).clamp(max=1)}
 
 
 def stacked_targets(data: list[synthetic.Record]) -> dict[str, torch.Tensor]:
@@ -304,6 +348,7 @@ class VisionHeads(torch.nn.Module):
         self.patch = torch.nn.Sequential(torch.nn.LayerNorm(width), torch.nn.Linear(width, sum(PATCH_LABELS.values())))
         # Reads the character from the mean of its inked patches, the view an LLM head attending to them gets.
         self.box = torch.nn.Sequential(torch.nn.LayerNorm(width), torch.nn.Linear(width, len(synthetic.CHARACTERS)))
+        self.turning = torch.nn.Sequential(torch.nn.LayerNorm(width), torch.nn.Linear(width, 1))
 
     def loss(self, pooled: torch.Tensor, patch_tokens: torch.Tensor, targets: dict) -> tuple[torch.Tensor, dict]:
         logits = self.scene(pooled)
@@ -339,13 +384,19 @@ class VisionHeads(torch.nn.Module):
             if name == "third":
                 losses[name] = F.cross_entropy(patch.flatten(0, 1), targets[name].flatten())
             elif name == "centre":
-                losses[name] = 5 * F.cross_entropy(patch.flatten(0, 1), targets[name].flatten())
+                losses[name] = CENTRE_WEIGHT * F.cross_entropy(patch.flatten(0, 1), targets[name].flatten())
             elif bool((targets[name] > 0).any()):
                 losses[name] = F.cross_entropy(patch.flatten(0, 1), targets[name].flatten(), ignore_index=0)
             else:  # nothing of this kind in the batch (small batches)
                 losses[name] = patch.sum() * 0
             labelled = targets[name] > 0  # accuracy where there is something to see
             accuracy[name] = (patch.argmax(-1)[labelled] == targets[name][labelled]).float().mean().item()
+        # Soft targets: the cross-entropy less its minimum (the target's own entropy), per patch holding a share.
+        turning, shares = self.turning(patch_tokens).squeeze(-1), targets["turning"]
+        excess = (F.binary_cross_entropy_with_logits(turning, shares, reduction="none")
+                  - F.binary_cross_entropy_with_logits(torch.logit(shares.clamp(1e-4, 1 - 1e-4)), shares, reduction="none"))
+        losses["turning"] = 5 * excess.sum() / (shares > 0).sum().clamp(min=1)
+        accuracy["turning_err"] = (turning.sigmoid() - shares).abs()[shares > 0].mean().item()
         return sum(losses.values()), {**{k: v.item() for k, v in losses.items()}, **{f"acc_{k}": v for k, v in accuracy.items()}}
 
 
@@ -458,6 +509,33 @@ def relevant_patches(record: synthetic.Record, question: str) -> torch.Tensor:
     return torch.from_numpy(covered.reshape(GRID, SUBSAMPLES, GRID, SUBSAMPLES).any(axis=(1, 3)).flatten())
 
 
+def object_centres(record: synthetic.Record, question: str) -> torch.Tensor:
+    """Which of the GRID x GRID patches hold the centre of an object a benchmark question names (one per object)."""
+    shapes, colours, _ = named_in(question)
+    step = record.image.size[0] / GRID
+    centres = torch.zeros(GRID, GRID, dtype=torch.bool)
+    for obj in record.objects:
+        if obj["shape"] != "text" and (not colours or obj["colour"] in colours) and (not shapes or obj["shape"] in shapes):
+            centres[min(GRID - 1, int(obj["y"] / step)), min(GRID - 1, int(obj["x"] / step))] = True
+    return centres.flatten()
+
+
+def guidance_pattern(record: synthetic.Record, kind: str, question: str) -> torch.Tensor:
+    """Where the guided head of question type `kind` should look from the answer: weights over the sink (the first
+    token) and the GRID x GRID patches, ``(1 + GRID * GRID,)``, summing to 1.
+
+    - count: each asked object's centre patch weighs 1 and the sink COUNT_SINK, so the head's output, the mean of
+      what it reads, scales with n / (n + COUNT_SINK) and counts objects rather than averaging their patches;
+    - the others: uniform over the patches of the objects asked about (`relevant_patches`: for the character, its
+      inked patches, the pooled view stage 1 taught the ViT to be read from); the sink when there are none."""
+    if kind == "count":
+        weights = torch.cat([torch.tensor([COUNT_SINK]), object_centres(record, question).float()])
+    else:
+        relevant = relevant_patches(record, question).float()
+        weights = torch.cat([torch.tensor([0.0 if relevant.any() else 1.0]), relevant])
+    return weights / weights.sum()
+
+
 class AttentionProbe:
     """Recomputes the attention rows of every head of one decoder layer at chosen query positions (from the layer's
     own inputs, so SDPA stays on for the forward pass) for the attention-guidance loss of stage 2."""
@@ -542,37 +620,43 @@ class QuestionHeads(torch.nn.Module):
 
 
 def guidance_targets(input_ids: torch.Tensor, labels: torch.Tensor, turns: list[list[tuple[str, torch.Tensor]]],
-                     image_token_id: int, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     image_token_id: int, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Where each head of the guided layer should look from every position that predicts an answer token:
-    ``(batch_index, positions, targets)`` with ``targets`` (positions, heads, sequence) boolean. Head ``i`` serves
-    question type ``QUESTION_TYPES[i]``: on its own type's turns it looks at the patches of the objects asked about
-    (`relevant_patches`), on every other turn (and for an absent object) at the first token, a sink. The layer then
-    reads each attribute through its own head, so turning what is read into the answer is linear."""
+    ``(batch_index, positions, targets, exact)``, ``targets`` (positions, heads, sequence) a distribution over the
+    sequence and ``exact`` (positions, heads) whether the head must match it (`EXACT_PATTERN_TYPES`) or only put its
+    mass on it. ``turns[b][t]`` is ``(type, guidance_pattern)`` of conversation ``b``'s turn ``t``. Head ``i`` serves
+    question type ``QUESTION_TYPES[i]``: on its own type's turns it follows the turn's pattern, on every other turn at
+    the first token, a sink. The layer then reads each attribute through its own head, so turning what is read into
+    the answer is linear."""
     if heads != len(synthetic.QUESTION_TYPES):
         raise ValueError(f"routing needs one head per question type ({len(synthetic.QUESTION_TYPES)}), the layer has {heads}")
     batch_index, positions, turn_index = answer_positions(labels)
     image_slots = input_ids == image_token_id
-    targets = torch.zeros(len(positions), heads, input_ids.shape[1], dtype=torch.bool)
-    targets[:, :, 0] = True
+    targets = torch.zeros(len(positions), heads, input_ids.shape[1])
+    targets[:, :, 0] = 1.0
+    exact = torch.zeros(len(positions), heads, dtype=torch.bool)
     for n, (b, turn) in enumerate(zip(batch_index.tolist(), turn_index.tolist())):
-        kind, relevant = turns[b][turn]
-        if relevant.any():
-            head = synthetic.QUESTION_TYPES.index(kind)
-            targets[n, head, 0] = False
-            targets[n, head, image_slots[b].nonzero()[:, 0]] = relevant
-    return batch_index, positions, targets
+        kind, pattern = turns[b][turn]
+        head = synthetic.QUESTION_TYPES.index(kind)
+        targets[n, head, 0] = pattern[0]
+        targets[n, head, image_slots[b].nonzero()[:, 0]] = pattern[1:]
+        exact[n, head] = kind in EXACT_PATTERN_TYPES
+    return batch_index, positions, targets, exact
 
 
 def attention_guidance_loss(probe: AttentionProbe, input_ids: torch.Tensor, labels: torch.Tensor,
                             turns: list[list[tuple[str, torch.Tensor]]], image_token_id: int) -> torch.Tensor:
-    """-log of each head's attention mass where `guidance_targets` sends it, averaged over the heads and the
-    positions that predict an answer token (a count's first token is a bare space)."""
+    """Per head and position that predicts an answer token (a count's first token is a bare space), averaged: the KL
+    divergence from the `guidance_targets` pattern to the head's attention where it must match the pattern exactly,
+    else -log of the head's attention mass on the pattern's support."""
     heads = probe.attention.config.num_attention_heads
-    batch_index, positions, targets = guidance_targets(input_ids, labels, turns, image_token_id, heads)
+    batch_index, positions, targets, exact = guidance_targets(input_ids, labels, turns, image_token_id, heads)
     if not len(positions):
         return input_ids.new_zeros((), dtype=torch.float)
-    mass = (probe.rows(batch_index, positions) * targets).sum(-1)
-    return -(mass + 1e-6).log().mean()
+    rows = probe.rows(batch_index, positions)
+    mass = -((rows * (targets > 0)).sum(-1) + 1e-6).log()
+    divergence = (torch.special.xlogy(targets, targets) - targets * (rows + 1e-6).log()).sum(-1)
+    return torch.where(exact, divergence, mass).mean()
 
 
 @torch.no_grad()
@@ -636,7 +720,7 @@ def train_language(model, processor, steps: int, batch: int, lr: float, scenes: 
 
     Attention guidance (loss weight `guidance`): the heads of decoder layer `guidance_layer`, at the positions that
     predict an answer, are routed one per question type (`guidance_targets`): the head of the question's type to
-    the patches of the objects asked about, the others to a sink. Answering needs a two-hop circuit (gather the
+    the patches of the objects asked about (`guidance_pattern`), the others to a sink. Answering needs a two-hop circuit (gather the
     question's words, then look them up among the patches) and a question-dependent choice of what to read; a
     decoder trained from scratch otherwise sits on the answer priors for thousands of steps (attempts 1-3). With
     guidance on, two further losses (weight 1 each, `QuestionHeads`) supervise the hops before and after it: the
@@ -644,6 +728,7 @@ def train_language(model, processor, steps: int, batch: int, lr: float, scenes: 
     if guidance and not 0 <= guidance_layer < model.config.text_config.num_hidden_layers - 1:
         raise ValueError(f"guidance_layer must be below the last decoder layer (0..{model.config.text_config.num_hidden_layers - 2}): "
                          f"the readout loss reads the layer's output before the final norm; got {guidance_layer}")
+    torch.manual_seed(seed + 2)  # a stage-2-only run (--init-vision) initialises the question heads as a full run does
     tower = model.model.vision_tower
     tower.eval().requires_grad_(False)
     data = []
@@ -679,7 +764,7 @@ def train_language(model, processor, steps: int, batch: int, lr: float, scenes: 
         loss = answer_loss
         parts = {}
         if probe is not None:
-            turns_seen = [[(kind, relevant_patches(data[i], question)) for kind, question, _ in chat] for i, chat in zip(chosen, chats)]
+            turns_seen = [[(kind, guidance_pattern(data[i], kind, question)) for kind, question, _ in chat] for i, chat in zip(chosen, chats)]
             parts["guidance_loss"] = attention_guidance_loss(probe, input_ids, labels, turns_seen, model.config.image_token_id)
             parts["parse_loss"] = question_heads.parse_loss(out.hidden_states[guidance_layer], labels, chats)
             parts["readout_loss"] = question_heads.readout_loss(model, out.hidden_states[guidance_layer + 1], labels)
@@ -720,7 +805,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--vision-steps", type=int, default=2000)
     parser.add_argument("--vision-batch", type=int, default=64)
     parser.add_argument("--vision-lr", type=float, default=1e-3)
-    parser.add_argument("--language-steps", type=int, default=1500)
+    parser.add_argument("--language-steps", type=int, default=2000)
     parser.add_argument("--language-batch", type=int, default=32)
     parser.add_argument("--language-lr", type=float, default=2e-3)
     parser.add_argument("--scenes", type=int, default=16_000, help="benchmark scenes of stage 2 (ViT features computed once)")

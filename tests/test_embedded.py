@@ -130,13 +130,17 @@ def test_main_job_pipeline_on_a_reduced_setting(tmp_path, capsys, model):
         assert montage.size[0] == record.image.size[0] * (1 + len(pruners))
 
 
-def _training_module():
+def _eval_module(name: str):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("train_embedded", Path(__file__).parents[1] / "eval" / "train_embedded.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
-    return train
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "eval" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _training_module():
+    return _eval_module("train_embedded")
 
 
 def test_training_questions_agree_with_the_benchmark():
@@ -218,6 +222,34 @@ def test_vision_pretraining_labels_of_a_hand_made_scene():
     assert abs(float(shares.sum()) - 1) < 1e-6 and float(shares[3, 1]) == 1.0
 
 
+def test_turning_shares_split_each_boundary_over_the_patches_it_crosses():
+    import math
+
+    train = _training_module()
+
+    def shares(*objects):
+        return train.turning_shares(list(objects), 336).reshape(12, 12)
+
+    square = shares({"shape": "square", "colour": "red", "x": 42.0, "y": 42.0, "radius": 10.0})  # inside patch (1, 1)
+    assert square[1, 1] == 1 and float(square.sum()) == 1
+    corner = shares({"shape": "square", "colour": "red", "x": 56.0, "y": 56.0, "radius": 10.0})  # on a patch corner
+    torch.testing.assert_close(corner[1:3, 1:3], torch.full((2, 2), 0.25))
+    circle = shares({"shape": "circle", "colour": "red", "x": 56.0, "y": 42.0, "radius": 10.0})  # on a column edge
+    torch.testing.assert_close(circle[1, 1:3], torch.tensor([0.5, 0.5]))
+    # Apex (x, y - r) in patch (0, 5); base corners (x -+ r, y + 0.8 r) in patches (1, 4) and (1, 6).
+    triangle = shares({"shape": "triangle", "colour": "red", "x": 154.0, "y": 20.0, "radius": 16.0})
+    apex = 2 * math.atan(1 / 1.8)
+    torch.testing.assert_close(triangle[0, 5], torch.tensor((math.pi - apex) / (2 * math.pi)))
+    torch.testing.assert_close(triangle[1, 4], triangle[1, 6])
+    torch.testing.assert_close(triangle.sum(), torch.tensor(1.0))
+    # A scene's shares sum to its number of shapes; the character box has none.
+    record = synthetic.generate(1, seed=5, types=("text",))[0]
+    targets = train.scene_targets(record)
+    shapes = sum(o["shape"] != "text" for o in record.objects)
+    assert shapes >= 2 and abs(float(train.turning_shares(record.objects, 336).sum()) - shapes) < 1e-4
+    assert targets["turning"].shape == (144,) and float(targets["turning"].max()) <= 1
+
+
 def test_relevant_patches_are_those_of_the_objects_asked_about():
     train = _training_module()
     image = Image.new("RGB", (336, 336), "white")
@@ -236,6 +268,32 @@ def test_relevant_patches_are_those_of_the_objects_asked_about():
     assert patches("What shape is the red object?") == {13} | patches("Is there a red circle?")
     assert patches("What character is written in the white box?") == {10}
     assert patches("Is there a blue circle?") == set()
+
+
+def test_guidance_patterns_count_centres_against_a_sink_and_read_the_ink_uniformly():
+    train = _training_module()
+    image = Image.new("RGB", (336, 336), "white")
+    objects = [
+        {"shape": "circle", "colour": "red", "x": 42.0, "y": 42.0, "radius": 14.0},  # centre in patch (1, 1)
+        {"shape": "circle", "colour": "red", "x": 308.0, "y": 308.0, "radius": 20.0},  # centre on a corner: patch (11, 11)
+        {"shape": "square", "colour": "red", "x": 150.0, "y": 200.0, "radius": 20.0},  # patch (7, 5)
+        {"shape": "text", "colour": "white", "x": 294.0, "y": 14.0, "radius": 10.0, "character": "K"},  # patch (0, 10)
+    ]
+    record = synthetic.Record(0, image, "", "", "pretraining", objects)
+    assert train.object_centres(record, "How many red circles are there?").nonzero()[:, 0].tolist() == [13, 143]
+    assert train.object_centres(record, "What shape is the red object?").nonzero()[:, 0].tolist() == [13, 89, 143]
+    count = train.guidance_pattern(record, "count", "How many red circles are there?")
+    assert count.shape == (1 + 144,)
+    expected = torch.zeros(145)
+    expected[0], expected[1 + 13], expected[1 + 143] = train.COUNT_SINK, 1.0, 1.0
+    torch.testing.assert_close(count, expected / (train.COUNT_SINK + 2))
+    text = train.guidance_pattern(record, "text", "What character is written in the white box?")
+    assert text[0] == 0 and text[1 + 10] == 1.0 and float(text.sum()) == 1.0
+    colour = train.guidance_pattern(record, "colour", "What colour is the square?")
+    support = train.relevant_patches(record, "What colour is the square?")
+    torch.testing.assert_close(colour[1:], support.float() / support.sum())
+    absent = train.guidance_pattern(record, "exists", "Is there a blue circle?")
+    assert absent[0] == 1.0 and float(absent[1:].sum()) == 0.0
 
 
 def test_attention_probe_equals_the_eager_attention_and_the_routing_loss_its_hand_computation():
@@ -258,26 +316,33 @@ def test_attention_probe_equals_the_eager_attention_and_the_routing_loss_its_han
     batch_index, positions = torch.tensor([0, 1, 2, 2]), torch.tensor([150, 160, 170, 175])
     expected = out.attentions[2][batch_index, :, positions]
     torch.testing.assert_close(probe.rows(batch_index, positions), expected, rtol=1e-5, atol=1e-6)
-    turns = [[(kind, train.relevant_patches(r, q)) for kind, q, _ in chat] for r, chat in zip(records, chats)]
+    turns = [[(kind, train.guidance_pattern(r, kind, q)) for kind, q, _ in chat] for r, chat in zip(records, chats)]
     loss = train.attention_guidance_loss(probe, input_ids, labels, turns, model.config.image_token_id)
-    # By hand: the head of the turn's question type looks at the relevant patches (if any), every other head at
-    # the first token.
-    terms, routed = [], 0
+    # By hand: the head of the turn's question type follows the turn's pattern (count: KL divergence from it; the
+    # others: attention mass on the patches of the objects asked about, if any), every other head looks at the first
+    # token.
+    terms, routed, exact = [], 0, 0
     for b in range(len(records)):
         image = (input_ids[b] == model.config.image_token_id).nonzero()[:, 0]
         answered = (labels[b] != -100).nonzero()[:, 0].tolist()  # label t is predicted at position t - 1
         turn = -1
         for t in answered:
             turn += t - 1 not in answered
-            kind, relevant = turns[b][turn]
+            kind, pattern = turns[b][turn]
             for head in range(len(synthetic.QUESTION_TYPES)):
                 row = out.attentions[2][b, head, t - 1]
-                if head == synthetic.QUESTION_TYPES.index(kind) and relevant.any():
-                    terms.append(-torch.log(row[image][relevant].sum() + 1e-6))
-                    routed += 1
-                else:
+                if head != synthetic.QUESTION_TYPES.index(kind):
                     terms.append(-torch.log(row[0] + 1e-6))
-    assert routed >= 6 and len(terms) == len(synthetic.QUESTION_TYPES) * len(labels[labels != -100])
+                    continue
+                routed += 1
+                seen = torch.cat([row[:1], row[image]])  # the sink, then the patches, as the pattern is laid out
+                if kind == "count":
+                    wanted = pattern[pattern > 0]
+                    terms.append((wanted * (wanted.log() - (seen[pattern > 0] + 1e-6).log())).sum())
+                    exact += 1
+                else:
+                    terms.append(-torch.log(seen[pattern > 0].sum() + 1e-6))
+    assert routed >= 6 and exact >= 1 and len(terms) == len(synthetic.QUESTION_TYPES) * len(labels[labels != -100])
     torch.testing.assert_close(loss, torch.stack(terms).mean())
     probe.remove()
 
@@ -345,3 +410,35 @@ def test_training_script_runs_end_to_end_and_saves_a_loadable_model(tmp_path):
     again = train.main(["--out", str(tmp_path / "again"), "--init-vision", str(tmp_path / "stage1"), "--vision-steps", "0",
                         "--language-steps", "1", "--language-batch", "4", "--scenes", "8", "--validation-size", "6", "--eval-size", "6"])
     assert [h["stage"] for h in again["history"]] == [2]
+    # ... and it starts where the full run's stage 2 started (same question heads, data and batch order).
+    assert again["history"][0]["loss"] == summary["history"][1]["loss"]
+    probe = _eval_module("probe_vit").main([str(tmp_path / "stage1"), "--train", "12", "--test", "6", "--steps", "2"])
+    for fit in (probe["learnt"], probe["exact"]):
+        assert 0 <= fit["accuracy"] <= 1 and set(fit["per_count"]) <= {"1", "2", "3", "4", "5", "6"}
+    assert probe["exact"]["object_mass_error"] == 0  # the exact pattern is the target itself
+
+
+def test_vit_probe_counts_with_one_share_per_object_centre_against_a_sink():
+    probe, train = _eval_module("probe_vit"), _training_module()
+    image = Image.new("RGB", (336, 336), "white")
+    objects = [
+        {"shape": "circle", "colour": "red", "x": 42.0, "y": 42.0, "radius": 14.0},  # centre in patch (1, 1)
+        {"shape": "circle", "colour": "red", "x": 308.0, "y": 308.0, "radius": 20.0},  # patch (11, 11)
+        {"shape": "square", "colour": "red", "x": 150.0, "y": 200.0, "radius": 20.0},  # another pair
+        {"shape": "circle", "colour": "blue", "x": 200.0, "y": 60.0, "radius": 20.0},  # another pair
+    ]
+    record = synthetic.Record(0, image, "How many red circles are there?", "2", "count", objects)
+    centres = train.object_centres(record, record.question).float()
+    target = probe.target_pattern(centres[None])[0]
+    # The probe's target is stage 2's count pattern.
+    torch.testing.assert_close(target, train.guidance_pattern(record, "count", record.question))
+    torch.testing.assert_close(target[0], torch.tensor(train.COUNT_SINK / (2 + train.COUNT_SINK)))
+    torch.testing.assert_close(target[1 + 13], torch.tensor(1 / (2 + train.COUNT_SINK)))
+    # The exact-pattern head reads the features pooled with that pattern (the sink reads nothing).
+    head = probe.CountingHead(8, learnt=False)
+    features = torch.randn(1, 144, 8)
+    _, attention = head(features, torch.tensor([0]), target[None])
+    assert torch.equal(attention[0], target)
+    learnt = probe.CountingHead(8, learnt=True)
+    _, attention = learnt(features, torch.tensor([0]), target[None])
+    torch.testing.assert_close(attention.sum(-1), torch.ones(1))

@@ -254,7 +254,7 @@ def test_errors(qwen, batch, qwen_images):
         with torch.no_grad():
             model(**batch)
     video = torch.rand(4, 3, 56, 56)
-    inputs = dict(processor(text=[f"<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>x<|im_end|>\n"], videos=[video], return_tensors="pt"))
+    inputs = dict(processor(text=["<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>x<|im_end|>\n"], videos=[video], return_tensors="pt"))
     with vtprune.apply(model, "fastervlm", keep=8), pytest.raises(NotImplementedError, match="video inputs"):
         with torch.no_grad():
             model(**inputs)
