@@ -215,6 +215,11 @@ def glyph_shares(obj: dict, size: int) -> torch.Tensor:
     return (rows[:, None] * cols[None, :]).float()
 
 
+def patch_of(x, y, step: float) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column of the patch holding each point (scalars or arrays), clipped to the grid."""
+    return (np.clip((np.asarray(y) / step).astype(int), 0, GRID - 1), np.clip((np.asarray(x) / step).astype(int), 0, GRID - 1))
+
+
 def turning_shares(objects: list[dict], size: int) -> torch.Tensor:
     """Per patch (GRID x GRID, flattened), its share of each shape's boundary turning: a circle's arc length inside it
     over 2 pi r (360 boundary samples), a square's corners at 1/4 each, a triangle's vertices at their exterior angle
@@ -225,9 +230,7 @@ def turning_shares(objects: list[dict], size: int) -> torch.Tensor:
     shares = np.zeros((GRID, GRID))
 
     def add(x: np.ndarray, y: np.ndarray, weight: float) -> None:
-        rows = np.clip((np.asarray(y) / step).astype(int), 0, GRID - 1)
-        cols = np.clip((np.asarray(x) / step).astype(int), 0, GRID - 1)
-        np.add.at(shares, (rows, cols), weight)
+        np.add.at(shares, patch_of(x, y, step), weight)
 
     apex = 2 * math.atan(1 / 1.8)  # the triangle of `synthetic`: apex (x, y - r), base corners (x -+ r, y + 0.8 r)
     base = (math.pi - apex) / 2
@@ -279,7 +282,7 @@ def scene_targets(record: synthetic.Record) -> dict[str, torch.Tensor]:
         floor = np.minimum(best, max(coverage.max(), 1e-6))
         mine = torch.from_numpy(coverage >= floor)
         best = np.maximum(best, coverage)
-        row, col = min(GRID - 1, int(obj["y"] / step)), min(GRID - 1, int(obj["x"] / step))
+        row, col = map(int, patch_of(obj["x"], obj["y"], step))
         centre[row, col] = 1
         kind[mine] = 1 + KINDS.index(obj["shape"])
         if obj["shape"] == "text":
@@ -489,6 +492,12 @@ def encode_conversation(processor, chat: list[tuple[str, str]], image_tokens: in
     return ids, labels
 
 
+def asked_shapes(record: synthetic.Record, shapes: list[str], colours: list[str]) -> list[dict]:
+    """The record's shapes (not character boxes) of the named shapes and colours (any, where none is named)."""
+    return [o for o in record.objects if o["shape"] != "text" and (not colours or o["colour"] in colours)
+            and (not shapes or o["shape"] in shapes)]
+
+
 def relevant_patches(record: synthetic.Record, question: str) -> torch.Tensor:
     """Which of the GRID x GRID patches show the objects a benchmark question is about (any overlap; for the
     character, the patches holding at least GLYPH_SHARE of its ink): the patches the answer must be read from. Empty
@@ -498,8 +507,7 @@ def relevant_patches(record: synthetic.Record, question: str) -> torch.Tensor:
     if character:  # the patches that hold a good part of the ink, as the glyph labels of stage 1
         shares = [glyph_shares(o, size) >= GLYPH_SHARE for o in record.objects if o["shape"] == "text"]
         return torch.stack(shares).any(0).flatten() if shares else torch.zeros(GRID * GRID, dtype=torch.bool)
-    wanted = [o for o in record.objects if o["shape"] != "text" and (not colours or o["colour"] in colours)
-              and (not shapes or o["shape"] in shapes)]
+    wanted = asked_shapes(record, shapes, colours)
     step = size / GRID
     centres = (np.arange(GRID * SUBSAMPLES) + 0.5) * step / SUBSAMPLES
     py, px = np.meshgrid(centres, centres, indexing="ij")
@@ -514,9 +522,8 @@ def object_centres(record: synthetic.Record, question: str) -> torch.Tensor:
     shapes, colours, _ = named_in(question)
     step = record.image.size[0] / GRID
     centres = torch.zeros(GRID, GRID, dtype=torch.bool)
-    for obj in record.objects:
-        if obj["shape"] != "text" and (not colours or obj["colour"] in colours) and (not shapes or obj["shape"] in shapes):
-            centres[min(GRID - 1, int(obj["y"] / step)), min(GRID - 1, int(obj["x"] / step))] = True
+    for obj in asked_shapes(record, shapes, colours):
+        centres[tuple(map(int, patch_of(obj["x"], obj["y"], step)))] = True
     return centres.flatten()
 
 
