@@ -35,7 +35,10 @@ Two stages, as LLaVA does it, adapted to training from scratch:
    question type, are routed to the patches of the objects asked about (`attention_guidance_loss`; the count head
    to match one share on each object's centre against a sink, so that it counts, `guidance_pattern`); and its
    output must already give the answer through the model's own norm and LM head (`QuestionHeads.readout_loss`).
-   A validation set (another seed) is scored every 250 steps, teacher-forced.
+   Half the conversations (`--drop-rate`) show the decoder only the patches their answers need plus a random share
+   of the others (`visible_patches`), so it reads where an object is from its tokens, not from their index in the
+   sequence, which pruning changes. A validation set (another seed) is scored every 250 steps, teacher-forced, on
+   the full grid.
 
 Images are rendered on the fly by `vtprune.eval.synthetic` (training seeds never overlap the held-out seed); a
 fifth are rendered at 224 px and upscaled by the processor, so other benchmark resolutions work too. The result
@@ -626,6 +629,35 @@ class QuestionHeads(torch.nn.Module):
         return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
 
 
+def visible_patches(record: synthetic.Record, chat: list[tuple[str, str, str]], rng: random.Random,
+                    drop_rate: float) -> torch.Tensor:
+    """Which of the GRID x GRID patches a stage-2 conversation shows the decoder: all of them, or, with probability
+    `drop_rate`, those any of its questions needs (`relevant_patches`, and the object centres of count questions)
+    plus a uniformly drawn share of the rest, in their original order.
+
+    Pruning renumbers the visual tokens it keeps, so a decoder that only ever saw the full grid reads "where" from a
+    token's index in the sequence and loses it under any pruner (attempt 6: position 1.00 unpruned, 0.40-0.80 at 25%
+    of the tokens). Dropping only patches no answer depends on teaches it to read position from the token itself,
+    and never teaches it to answer about an object it cannot see, so a pruner that drops relevant tokens still pays."""
+    keep = torch.ones(GRID * GRID, dtype=torch.bool)
+    if rng.random() >= drop_rate:
+        return keep
+    needed = torch.zeros(GRID * GRID, dtype=torch.bool)
+    for kind, question, _ in chat:
+        needed |= relevant_patches(record, question)
+        if kind == "count":
+            needed |= object_centres(record, question)
+    background = (~needed).nonzero()[:, 0].tolist()
+    keep[rng.sample(background, round(len(background) * (1.0 - rng.random())))] = False
+    return keep
+
+
+def shown_pattern(pattern: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """A `guidance_pattern` over the sink and the patches `keep` shows (`visible_patches` keeps all it weighs)."""
+    shown = torch.cat([pattern[:1], pattern[1:][keep]])
+    return shown / shown.sum()
+
+
 def guidance_targets(input_ids: torch.Tensor, labels: torch.Tensor, turns: list[list[tuple[str, torch.Tensor]]],
                      image_token_id: int, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Where each head of the guided layer should look from every position that predicts an answer token:
@@ -720,7 +752,7 @@ def validation_accuracy(model, processor, data, features, batch: int = 50) -> di
 
 
 def train_language(model, processor, steps: int, batch: int, lr: float, scenes: int, turns: int, seed: int, log,
-                   validation_size: int = 300, guidance: float = 1.0, guidance_layer: int = 2) -> None:
+                   validation_size: int = 300, guidance: float = 1.0, guidance_layer: int = 2, drop_rate: float = 0.0) -> None:
     """Projector and decoder learn to answer, LLaVA-style, with the ViT frozen (so its CLS attention keeps the
     meaning stage 1 gave it). The ViT's features of `scenes` benchmark scenes are computed once; each step draws
     `batch` of them and a fresh `turns`-turn conversation about each.
@@ -731,7 +763,11 @@ def train_language(model, processor, steps: int, batch: int, lr: float, scenes: 
     question's words, then look them up among the patches) and a question-dependent choice of what to read; a
     decoder trained from scratch otherwise sits on the answer priors for thousands of steps (attempts 1-3). With
     guidance on, two further losses (weight 1 each, `QuestionHeads`) supervise the hops before and after it: the
-    guided layer's input must name what to look up, and its output must already give the answer."""
+    guided layer's input must name what to look up, and its output must already give the answer.
+
+    With probability `drop_rate` a conversation sees only some of the patches (`visible_patches`)."""
+    if not 0.0 <= drop_rate <= 1.0:
+        raise ValueError(f"drop_rate is a probability in [0, 1], got {drop_rate}")
     if guidance and not 0 <= guidance_layer < model.config.text_config.num_hidden_layers - 1:
         raise ValueError(f"guidance_layer must be below the last decoder layer (0..{model.config.text_config.num_hidden_layers - 2}): "
                          f"the readout loss reads the layer's output before the final norm; got {guidance_layer}")
@@ -753,7 +789,6 @@ def train_language(model, processor, steps: int, batch: int, lr: float, scenes: 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, steps, max(1, steps // 20)))
     rng = random.Random(f"language:{seed}")
     order: list[int] = []
-    image_tokens = GRID * GRID
     pad = processor.tokenizer.pad_token_id
     probe = AttentionProbe(model, guidance_layer) if guidance else None
     model.train()
@@ -764,14 +799,17 @@ def train_language(model, processor, steps: int, batch: int, lr: float, scenes: 
             order += rng.sample(range(scenes), scenes)
         chosen, order = order[:batch], order[batch:]
         chats = [conversation(data[i], rng, turns) for i in chosen]
-        rows = [encode_conversation(processor, [(q, a) for _, q, a in chat], image_tokens) for chat in chats]
+        shown = [visible_patches(data[i], chat, rng, drop_rate) for i, chat in zip(chosen, chats)]
+        rows = [encode_conversation(processor, [(q, a) for _, q, a in chat], int(keep.sum())) for chat, keep in zip(chats, shown)]
         input_ids, labels, attention_mask = _batch_tensors(rows, pad)
-        out = _language_forward(model, input_ids, attention_mask, features[chosen], hidden_states=probe is not None)
+        visual = torch.cat([features[i][keep] for i, keep in zip(chosen, shown)])
+        out = _language_forward(model, input_ids, attention_mask, visual, hidden_states=probe is not None)
         answer_loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
         loss = answer_loss
         parts = {}
         if probe is not None:
-            turns_seen = [[(kind, guidance_pattern(data[i], kind, question)) for kind, question, _ in chat] for i, chat in zip(chosen, chats)]
+            turns_seen = [[(kind, shown_pattern(guidance_pattern(data[i], kind, question), keep)) for kind, question, _ in chat]
+                          for i, chat, keep in zip(chosen, chats, shown)]
             parts["guidance_loss"] = attention_guidance_loss(probe, input_ids, labels, turns_seen, model.config.image_token_id)
             parts["parse_loss"] = question_heads.parse_loss(out.hidden_states[guidance_layer], labels, chats)
             parts["readout_loss"] = question_heads.readout_loss(model, out.hidden_states[guidance_layer + 1], labels)
@@ -819,6 +857,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--turns", type=int, default=6, help="questions per image in one stage-2 conversation")
     parser.add_argument("--guidance", type=float, default=5.0, help="weight of the stage-2 attention-guidance loss (0: off)")
     parser.add_argument("--guidance-layer", type=int, default=2, help="decoder layer whose heads are guided, one per question type")
+    parser.add_argument("--drop-rate", type=float, default=0.5,
+                        help="share of stage-2 conversations shown only the patches their answers need plus some others")
     parser.add_argument("--validation-size", type=int, default=300, help="stage-2 validation scenes (another seed)")
     parser.add_argument("--eval-size", type=int, default=600, help="held-out records (cycling through the 6 types)")
     parser.add_argument("--eval-seed", type=int, default=1000, help="the benchmark seed of configs/benchmark")
@@ -855,7 +895,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.language_steps:
         train_language(model, processor, args.language_steps, args.language_batch, args.language_lr, args.scenes,
                        args.turns, args.seed, log, validation_size=args.validation_size, guidance=args.guidance,
-                       guidance_layer=args.guidance_layer)
+                       guidance_layer=args.guidance_layer, drop_rate=args.drop_rate)
     train_seconds = time.perf_counter() - started
 
     accuracy = evaluate_accuracy(model, processor, args.eval_size, args.eval_seed)

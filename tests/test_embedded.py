@@ -296,6 +296,38 @@ def test_guidance_patterns_count_centres_against_a_sink_and_read_the_ink_uniform
     assert absent[0] == 1.0 and float(absent[1:].sum()) == 0.0
 
 
+def test_stage_2_drops_only_patches_no_answer_needs_and_the_patterns_follow():
+    import random
+
+    train = _training_module()
+    image = Image.new("RGB", (336, 336), "white")
+    objects = [
+        {"shape": "circle", "colour": "red", "x": 42.0, "y": 42.0, "radius": 14.0},
+        {"shape": "square", "colour": "blue", "x": 150.0, "y": 200.0, "radius": 20.0},
+        {"shape": "text", "colour": "white", "x": 294.0, "y": 14.0, "radius": 10.0, "character": "K"},
+    ]
+    record = synthetic.Record(0, image, "", "", "pretraining", objects)
+    chat = [("count", "How many red circles are there?", "1"), ("text", "What character is written in the white box?", "K"),
+            ("exists", "Is there a green circle?", "no")]
+    needed = train.relevant_patches(record, chat[0][1]) | train.object_centres(record, chat[0][1]) | train.relevant_patches(record, chat[1][1])
+    rng = random.Random(0)
+    assert bool(train.visible_patches(record, chat, rng, drop_rate=0.0).all())
+    kept = [train.visible_patches(record, chat, rng, drop_rate=1.0) for _ in range(50)]
+    assert all(bool(keep[needed].all()) for keep in kept)
+    counts = [int(keep.sum()) for keep in kept]
+    assert min(counts) < 144 - 100 and max(counts) > 144 - 30  # the share of the background kept is uniform in [0, 1]
+    assert any(int(train.visible_patches(record, chat, rng, drop_rate=0.5).sum()) == 144 for _ in range(20))
+
+    keep = kept[0]
+    for kind, question, _ in chat:
+        full = train.guidance_pattern(record, kind, question)
+        shown = train.shown_pattern(full, keep)
+        assert shown.shape == (1 + int(keep.sum()),)
+        torch.testing.assert_close(shown, torch.cat([full[:1], full[1:][keep]]))  # nothing it weighs was dropped
+    with pytest.raises(ValueError, match="drop_rate"):
+        train.train_language(None, None, 1, 1, 1e-3, 1, 1, 0, print, drop_rate=1.5)
+
+
 def test_attention_probe_equals_the_eager_attention_and_the_routing_loss_its_hand_computation():
     import random
 
