@@ -4,10 +4,10 @@
     python -m vtprune.demo --size 60 --pruners fastervlm random --budgets 36 18 --out /tmp/demo
 
 `--model embedded` runs vtprune's small trained VLM (`vtprune.models.load_embedded`, trained by
-`eval/train_embedded.py`; 144 visual tokens per image), which answers the benchmark for real. It is not
-shipped yet (issue 6), so `--model auto` (the default) falls back to the random-weight tiny LLaVA-1.5 of
-`vtprune.testing` and says so: the pipeline is the same, the accuracies are meaningless. The records are the
-held-out seed 1000, and the default budgets are 25%, 12.5% and 6% of the model's visual tokens.
+`eval/train_embedded.py`; 144 visual tokens per image), which answers the benchmark for real; `--model auto` (the
+default) picks it when the build ships it, else the random-weight tiny LLaVA-1.5 of `vtprune.testing` (`--model
+tiny`: the pipeline is the same, the accuracies are meaningless). The records are the held-out seed 1000, and the
+default budgets are 25%, 12.5% and 6% of the model's visual tokens.
 
 The unpruned model is measured once. Each (pruner, budget) is then scored on the same records with the
 harness (`vtprune.harness.evaluate`). The job prints a table (accuracy, % of unpruned, visual tokens, prefill
