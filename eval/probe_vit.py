@@ -67,12 +67,6 @@ class CountingHead(torch.nn.Module):
         return self.readout(torch.einsum("bt,btr->br", attention, values)), attention
 
 
-def target_pattern(centres: torch.Tensor) -> torch.Tensor:
-    """``(questions, 1 + GRID * GRID)``: the sink, then the patches, as `train_embedded.guidance_pattern` weighs them."""
-    weights = torch.cat([torch.full((len(centres), 1), train_embedded.COUNT_SINK), centres], 1)
-    return weights / weights.sum(1, keepdim=True)
-
-
 def fit(train: dict, test: dict, learnt: bool, steps: int, batch: int = 128, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     head = CountingHead(train["features"].shape[-1], learnt)
@@ -81,17 +75,17 @@ def fit(train: dict, test: dict, learnt: bool, steps: int, batch: int = 128, see
     size = len(train["count"])
     for _ in range(steps):
         rows = torch.randint(0, size, (batch,))
-        target = target_pattern(train["pattern"][rows])
+        target = train_embedded.count_pattern(train["pattern"][rows])
         logits, attention = head(train["features"][rows], train["pair"][rows], target)
         loss = F.cross_entropy(logits, train["count"][rows])
         if learnt:
-            loss = loss + (torch.special.xlogy(target, target) - target * (attention + 1e-6).log()).sum(1).mean()
+            loss = loss + train_embedded.pattern_divergence(target, attention).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         scheduler.step()
     with torch.no_grad():
-        target = target_pattern(test["pattern"])
+        target = train_embedded.count_pattern(test["pattern"])
         logits, attention = head(test["features"], test["pair"], target)
         right = logits.argmax(-1) == test["count"]
         mass = attention[:, 1:].sum(1)

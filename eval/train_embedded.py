@@ -539,11 +539,22 @@ def guidance_pattern(record: synthetic.Record, kind: str, question: str) -> torc
     - the others: uniform over the patches of the objects asked about (`relevant_patches`: for the character, its
       inked patches, the pooled view stage 1 taught the ViT to be read from); the sink when there are none."""
     if kind == "count":
-        weights = torch.cat([torch.tensor([COUNT_SINK]), object_centres(record, question).float()])
-    else:
-        relevant = relevant_patches(record, question).float()
-        weights = torch.cat([torch.tensor([0.0 if relevant.any() else 1.0]), relevant])
+        return count_pattern(object_centres(record, question).float()[None])[0]
+    relevant = relevant_patches(record, question).float()
+    weights = torch.cat([torch.tensor([0.0 if relevant.any() else 1.0]), relevant])
     return weights / weights.sum()
+
+
+def count_pattern(centres: torch.Tensor) -> torch.Tensor:
+    """``(questions, 1 + GRID * GRID)`` from ``(questions, GRID * GRID)`` centre indicators: COUNT_SINK shares on the
+    sink, one on each centre, normalised (the count branch of `guidance_pattern`, batched for `eval/probe_vit.py`)."""
+    weights = torch.cat([torch.full((len(centres), 1), COUNT_SINK), centres], 1)
+    return weights / weights.sum(1, keepdim=True)
+
+
+def pattern_divergence(targets: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    """KL divergence from target attention patterns to attention rows, over the last dimension."""
+    return (torch.special.xlogy(targets, targets) - targets * (attention + 1e-6).log()).sum(-1)
 
 
 class AttentionProbe:
@@ -694,8 +705,7 @@ def attention_guidance_loss(probe: AttentionProbe, input_ids: torch.Tensor, labe
         return input_ids.new_zeros((), dtype=torch.float)
     rows = probe.rows(batch_index, positions)
     mass = -((rows * (targets > 0)).sum(-1) + 1e-6).log()
-    divergence = (torch.special.xlogy(targets, targets) - targets * (rows + 1e-6).log()).sum(-1)
-    return torch.where(exact, divergence, mass).mean()
+    return torch.where(exact, pattern_divergence(targets, rows), mass).mean()
 
 
 @torch.no_grad()

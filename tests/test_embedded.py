@@ -463,8 +463,8 @@ def test_vit_probe_counts_with_one_share_per_object_centre_against_a_sink():
     ]
     record = synthetic.Record(0, image, "How many red circles are there?", "2", "count", objects)
     centres = train.object_centres(record, record.question).float()
-    target = probe.target_pattern(centres[None])[0]
-    # The probe's target is stage 2's count pattern.
+    target = train.count_pattern(centres[None])[0]
+    # The probe's target (the batched count pattern) is stage 2's count pattern.
     torch.testing.assert_close(target, train.guidance_pattern(record, "count", record.question))
     torch.testing.assert_close(target[0], torch.tensor(train.COUNT_SINK / (2 + train.COUNT_SINK)))
     torch.testing.assert_close(target[1 + 13], torch.tensor(1 / (2 + train.COUNT_SINK)))
