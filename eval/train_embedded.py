@@ -9,7 +9,8 @@ The model is a real `LlavaForConditionalGeneration`: a CLIP-style ViT with a CLS
 size, in 28 px patches, so 12 x 12 = 144 patch tokens; `vision_feature_layer=-2`, CLS dropped as in LLaVA-1.5),
 a two-layer GELU projector and a Llama-style decoder, with the byte-level tokenizer of `vtprune.testing` (merge
 rules for the benchmark's words) and the LLaVA chat template. Everything is reproducible from `--seed` (data,
-initialisation and batch order).
+initialisation and batch order), bit for bit on one machine and torch build. Stage 2 trains on the ViT rounded to
+float16, so the two stage-only commands give the same weights as the full run.
 
 Two stages, as LLaVA does it, adapted to training from scratch:
 
@@ -873,7 +874,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-size", type=int, default=600, help="held-out records (cycling through the 6 types)")
     parser.add_argument("--eval-seed", type=int, default=1000, help="the benchmark seed of configs/benchmark")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--save-vision", default=None, help="also save the model after stage 1 (float32) here")
+    parser.add_argument("--save-vision", default=None, help="also save the model after stage 1 (float32, its ViT rounded to float16) here")
     parser.add_argument("--init-vision", default=None, help="take the ViT from a --save-vision folder; with --vision-steps 0 this runs stage 2 only")
     args = parser.parse_args(argv)
 
@@ -898,6 +899,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.vision_steps:
         heads = VisionHeads(model.config.vision_config.hidden_size)
         train_vision(model, processor, heads, args.vision_steps, args.vision_batch, args.vision_lr, args.seed, log)
+    # Stage 2 trains on the ViT rounded to float16, the dtype the model ships in: the decoder then learns from
+    # exactly the features users get, and a stage-2-only run from any saved stage-1 folder (float32 or float16)
+    # is bit for bit the second half of a full run with the same seed.
+    model.model.vision_tower.to(torch.float16).to(torch.float32)
+    if args.vision_steps:
         if args.save_vision:
             model.save_pretrained(args.save_vision)
             processor.save_pretrained(args.save_vision)

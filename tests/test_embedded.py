@@ -104,16 +104,23 @@ def test_main_job_pipeline_on_a_reduced_setting(tmp_path, capsys, model):
 
     from vtprune import demo
 
-    pruners = ["fastervlm", "visionzip", "random"]
+    pruners = ["fastervlm", "visionzip", "random", "dymu"]
     tokens = 144 if model == "embedded" else 576
     budgets = (tokens // 4, tokens // 8)
     demo.main(["--model", model, "--out", str(tmp_path), "--size", "12", "--pruners", *pruners, "--budgets",
-               *map(str, budgets), "--timing-repeats", "1", "--overlays", "2", "--batch-size", "12"])
+               *map(str, budgets), "--timing-repeats", "1", "--overlays", "2", "--batch-size", "12",
+               "--calibration-size", "16"])
     printed = capsys.readouterr().out
     results = json.loads((tmp_path / "results.json").read_text())
-    assert [(r["pruner"], r["visual_tokens_out"]["mean"]) for r in results] == [("none", float(tokens))] + [
-        (name, float(keep)) for name in pruners for keep in budgets
+    assert [(r["pruner"], r["budget"]) for r in results] == [("none", None)] + [
+        (name, f"calibrated keep={keep}" if name == "dymu" else f"keep={keep}") for name in pruners for keep in budgets
     ]
+    assert results[0]["visual_tokens_out"]["mean"] == tokens
+    for row, (name, keep) in zip(results[1:], [(n, k) for n in pruners for k in budgets]):
+        if name == "dymu":  # calibrated on other images to keep `keep` on average; new images vary around it
+            assert 0.5 * keep <= row["visual_tokens_out"]["mean"] <= 1.5 * keep, row["visual_tokens_out"]
+        else:
+            assert row["visual_tokens_out"] == {"mean": keep, "min": keep, "max": keep}
     for row in results[1:]:
         assert row["unpruned"]["accuracy"] == results[0]["accuracy"] and 0.0 <= row["loyalty"] <= 1.0
         assert row["prefill_ms"] > 0 and row["unpruned"]["prefill_ms"] == results[0]["prefill_ms"]
@@ -418,6 +425,7 @@ def test_question_heads_parse_the_asked_objects_and_read_the_answer_through_the_
 def test_training_script_runs_end_to_end_and_saves_a_loadable_model(tmp_path):
     import json
 
+    from safetensors.torch import load_file
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     train = _training_module()
@@ -440,12 +448,20 @@ def test_training_script_runs_end_to_end_and_saves_a_loadable_model(tmp_path):
     image = synthetic.generate(1, seed=7)[0].image
     inputs = processor(images=[image], text=["USER: <image>\nHi ASSISTANT:"], return_tensors="pt")
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == train.GRID**2
-    # Stage 2 alone from the stage-1 folder (the documented way to rerun it).
-    again = train.main(["--out", str(tmp_path / "again"), "--init-vision", str(tmp_path / "stage1"), "--vision-steps", "0",
+    # The documented split: stage 1 alone, whose final float16 save replaces its float32 one (the shipped weights'
+    # stage-1 folder was made so), then stage 2 alone from that folder.
+    stage1 = ["--vision-steps", "1", "--vision-batch", "4", "--language-steps", "0", "--eval-size", "6"]
+    train.main(["--out", str(tmp_path / "half"), "--save-vision", str(tmp_path / "half"), *stage1])
+    assert load_file(tmp_path / "half" / "model.safetensors")["vision_tower.embeddings.class_embedding"].dtype == torch.float16
+    again = train.main(["--out", str(tmp_path / "again"), "--init-vision", str(tmp_path / "half"), "--vision-steps", "0",
                         "--language-steps", "1", "--language-batch", "4", "--scenes", "8", "--validation-size", "6", "--eval-size", "6"])
     assert [h["stage"] for h in again["history"]] == [2]
-    # ... and it starts where the full run's stage 2 started (same question heads, data and batch order).
+    # ... and it is the full run's stage 2, bit for bit: same start (question heads, data, batch order) and, since
+    # both train on the ViT rounded to float16, the same weights at the end.
     assert again["history"][0]["loss"] == summary["history"][1]["loss"]
+    full, split = load_file(out / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert full.keys() == split.keys() and all(torch.equal(full[k], split[k]) for k in full)
+    assert again["held_out_accuracy"] == summary["held_out_accuracy"]
     probe = _eval_module("probe_vit").main([str(tmp_path / "stage1"), "--train", "12", "--test", "6", "--steps", "2"])
     for fit in (probe["learnt"], probe["exact"]):
         assert 0 <= fit["accuracy"] <= 1 and set(fit["per_count"]) <= {"1", "2", "3", "4", "5", "6"}
