@@ -33,7 +33,7 @@ from vtprune.merging import (
     scatter_mean,
     threshold_edges,
 )
-from vtprune.pruners.dymu import DyMUThresholds, preset_targets
+from vtprune.pruners.dymu import DyMUThresholds, keep_targets, preset_targets
 from vtprune.sequence import find_image_slots
 from vtprune.testing import random_images
 
@@ -117,6 +117,17 @@ def test_presets_and_threshold_files(tmp_path):
     assert preset_targets("high", 576, 24) == [8] * 24
     shallow = preset_targets("low", 576, 5)  # too shallow for a constant schedule: geometric, same total
     assert abs(sum(shallow) - 504) <= 3 and shallow[0] > shallow[-1]
+    # A budget: the targets merge exactly N - keep. Constant when feasible, the remainder on the first blocks ...
+    assert keep_targets(144, 576, 24) == [18] * 24 and keep_targets(150, 576, 24) == [18] * 18 + [17] * 6
+    assert keep_targets(576, 576, 23) == [0] * 23
+    # ... else geometric, g = 1 - (9 / 144) ** (1 / 5) = 0.4257 of the tokens left, the last block taking the
+    # rounding remainder: round(.4257 * 144) = 61, round(.4257 * 83) = 35, then 20, 12, and 7 to total 135.
+    assert keep_targets(9, 144, 5) == [61, 35, 20, 12, 7]
+    for keep, tokens, blocks in ((36, 144, 5), (18, 144, 5), (1, 576, 23), (100, 576, 3)):
+        assert sum(keep_targets(keep, tokens, blocks)) == tokens - keep
+    for bad in (0, 145, 2.5, True):
+        with pytest.raises(ConfigError, match=r"keep must be an integer in \[1, 144\]"):
+            keep_targets(bad, 144, 5)
     thresholds = DyMUThresholds([0.5, math.inf, 0.25], meta={"preset": "mid"})
     path = thresholds.save(tmp_path / "t.json")
     assert json.loads(path.read_text())["thresholds"] == [0.5, None, 0.25]
@@ -309,6 +320,10 @@ def test_bad_input_gives_clear_errors(llava, tmp_path):
         vtprune.calibrate(model, "dymu", [], processor=processor, preset="medium")
     with pytest.raises(ConfigError, match=f"got 2 per-block targets but this vision encoder runs {BLOCKS}"):
         vtprune.calibrate(model, "dymu", [], processor=processor, targets=[1, 2])
+    with pytest.raises(ConfigError, match="give targets= .* or keep= .*, not both"):
+        vtprune.calibrate(model, "dymu", [], processor=processor, targets=[1] * BLOCKS, keep=100)
+    with pytest.raises(ConfigError, match=r"keep must be an integer in \[1, 576\]"):
+        vtprune.calibrate(model, "dymu", [], processor=processor, keep=600)
     with pytest.raises(ConfigError, match="unknown calibration method 'tome'"):
         vtprune.calibrate(model, "tome", [], processor=processor)
     assert model.__dict__.get("_vtprune_handle") is None
@@ -335,6 +350,10 @@ def test_calibrate_command(tmp_path):
     assert main([str(folder), "--model", "tiny:llava", "--preset", "high", "--out", str(out), "--batch-size", "2"]) == 0
     loaded = DyMUThresholds.load(out)
     assert len(loaded) == BLOCKS and loaded.meta["preset"] == "high" and loaded.meta["images"] == 4
+    assert main([str(folder), "--model", "tiny:llava", "--keep", "100", "--out", str(out), "--batch-size", "2"]) == 0
+    loaded = DyMUThresholds.load(out)
+    assert loaded.meta["keep"] == 100 and loaded.meta["preset"] is None and sum(loaded.meta["targets"]) == 576 - 100
+    assert main([str(folder), "--model", "tiny:llava", "--keep", "577", "--out", str(out)]) == 2
     assert main([str(tmp_path / "nope"), "--model", "tiny:llava", "--out", str(out)]) == 2
 
 

@@ -14,7 +14,7 @@ RESULT_FIELDS = {
     "visual_tokens_in", "visual_tokens_out", "prefill_tflops", "flops_convention", "prefill_ms", "end_to_end_ms",
     "peak_memory_mb", "selection_ms_per_image", "timing", "predictions", "unpruned", "model", "benchmark", "config",
 }
-RUN = ["run.batch_size=2", "run.timing_repeats=1", "run.warmup=0", "run.max_new_tokens=2"]
+RUN = ["model=tiny_llava", "run.batch_size=2", "run.timing_repeats=1", "run.warmup=0", "run.max_new_tokens=2"]
 FAST = ["benchmark.size=2", *RUN]
 
 
@@ -85,6 +85,15 @@ def test_keep_all_answers_exactly_like_the_unpruned_model(llava):
 
     assert all(p["correct"] == is_correct(p["prediction"], p["answer"]) for p in result["predictions"])
     assert result["visual_tokens_out"]["mean"] == 576
+
+
+def test_the_default_model_is_the_embedded_one(tmp_path):
+    done = vtprune_cli(["pruner=fastervlm", "pruner.keep=36", "hydra.run.dir=job", "benchmark.size=6", "run.batch_size=6",
+                        "run.timing_repeats=1", "run.warmup=0"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "job" / "results.json").read_text())
+    assert result["config"]["model"]["source"] == "embedded" and result["visual_tokens_in"]["mean"] == 144
+    assert result["visual_tokens_out"]["mean"] == 36 and result["samples"] == 6
 
 
 def test_report_rejects_an_empty_folder(tmp_path):

@@ -1,7 +1,8 @@
 """The `vtprune` command: a Hydra app running one (model, pruner, budget, benchmark) per job.
 
-    vtprune model=tiny_llava pruner=fastervlm pruner.keep=64
-    vtprune -m pruner=fastervlm,divprune pruner.keep=64,128        # a sweep: one results.json per job
+    vtprune pruner=fastervlm pruner.keep=36                         # the embedded trained model (the default)
+    vtprune -m pruner=fastervlm,divprune pruner.keep=36,18          # a sweep: one results.json per job
+    vtprune model=llava-1.5-7b pruner=fastervlm pruner.keep=64      # Hub checkpoint, GPU
     vtprune-report multirun/<date>/<time>                           # markdown table and plots
 
 Each job writes ``results.json`` into its Hydra output folder (see `vtprune.harness.evaluate` for the fields).

@@ -19,7 +19,7 @@ import torch
 
 from .errors import ConfigError, UnsupportedModelError, VTPruneError
 from .integration import find_integration
-from .pruners.dymu import PRESETS, DyMUCalibrator, DyMUThresholds, preset_targets
+from .pruners.dymu import PRESETS, DyMUCalibrator, DyMUThresholds, keep_targets, preset_targets
 
 CALIBRATED_METHODS = ("dymu",)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -44,6 +44,7 @@ def calibrate(
     processor: Any = None,
     preset: str | None = "mid",
     targets: Sequence[int] | None = None,
+    keep: int | None = None,
     batch_size: int = 8,
     progress: bool = True,
     **options: Any,
@@ -63,6 +64,9 @@ def calibrate(
         preset: ``"low"``, ``"mid"`` (default) or ``"high"``: the paper's constant schedules (21 / 16 / 8 merges per
             block of CLIP-L/336's 24, i.e. 7/8, 2/3, 1/3 of the tokens) scaled to this encoder's tokens and blocks.
         targets: per-block merge targets ``r_l`` (one per block that runs); replaces `preset`.
+        keep: the tokens an average calibration image should end with (`keep_targets`: targets that merge
+            ``N - keep`` in total); replaces `preset`. Puts DyMU at a fixed-budget pruner's budget; on new images
+            the count still varies per image, and its mean stays near `keep` only if they resemble these.
         batch_size: images per calibration batch (the threshold is found per batch).
         progress: show a progress bar (tqdm).
         **options: the family's options (e.g. none for LLaVA).
@@ -84,8 +88,13 @@ def calibrate(
         )
     probe = integration_cls(model, DyMUCalibrator([]), **options)
     blocks, tokens = probe.merging_geometry()
+    if targets is not None and keep is not None:
+        raise ConfigError("give targets= (merges per block) or keep= (tokens an average image keeps), not both")
     if targets is not None:
         targets = list(targets)
+        preset_name = None
+    elif keep is not None:
+        targets = keep_targets(keep, tokens, blocks)
         preset_name = None
     else:
         if preset is None:
@@ -118,6 +127,7 @@ def calibrate(
         "model": type(model).__name__,
         "preset": preset_name,
         "targets": targets,
+        "keep": keep,
         "tokens": tokens,
         "blocks": blocks,
         "images": seen,
@@ -148,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="Hub id or save_pretrained folder, or tiny:<family> (tiny:llava, tiny:llava_next)")
     parser.add_argument("--preset", default="mid", choices=sorted(PRESETS))
     parser.add_argument("--targets", default=None, help="comma-separated merges per block (replaces --preset)")
+    parser.add_argument("--keep", type=int, default=None, help="tokens an average image keeps (replaces --preset)")
     parser.add_argument("--out", type=Path, required=True, help="where to write the thresholds JSON")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--limit", type=int, default=None, help="use at most this many images")
@@ -166,12 +177,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         targets = [int(t) for t in args.targets.split(",")] if args.targets else None
         images = list(_folder_images(args.folder, args.limit))
         model, processor = load_model(spec)
-        thresholds = calibrate(model, "dymu", images, processor=processor, preset=args.preset, targets=targets, batch_size=args.batch_size)
+        thresholds = calibrate(model, "dymu", images, processor=processor, preset=args.preset, targets=targets,
+                               keep=args.keep, batch_size=args.batch_size)
         path = thresholds.save(args.out)
     except (VTPruneError, FileNotFoundError, ValueError) as error:
         print(f"vtprune-calibrate: error: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {len(thresholds)} thresholds ({thresholds.meta['images']} images, preset {thresholds.meta['preset']}) to {path}")
+    schedule = f"preset {args.preset}" if thresholds.meta["preset"] else f"keep {args.keep}" if args.keep is not None else "given targets"
+    print(f"wrote {len(thresholds)} thresholds ({thresholds.meta['images']} images, {schedule}) to {path}")
     return 0
 
 

@@ -10,8 +10,11 @@ tiny`: the pipeline is the same, the accuracies are meaningless). The records ar
 default budgets are 25%, 12.5% and 6% of the model's visual tokens.
 
 The unpruned model is measured once. Each (pruner, budget) is then scored on the same records with the
-harness (`vtprune.harness.evaluate`). The job prints a table (accuracy, % of unpruned, visual tokens, prefill
-speed-up, ...) and writes to `--out`:
+harness (`vtprune.harness.evaluate`). DyMU, which has no fixed budget, is calibrated once per budget
+(`vtprune.calibrate(..., keep=budget)`) on `--calibration-size` images of another seed, so that an average
+calibration image keeps that many tokens; on the held-out records its count varies per image around it (the
+table shows the mean). The job prints a table (accuracy, % of unpruned, visual tokens, prefill speed-up, ...)
+and writes to `--out`:
 
 - ``results.json`` (every harness result), ``report.md`` (the table), ``accuracy.png`` and ``latency.png``;
 - ``overlays/<record>_<pruner>.png`` for the first `--overlays` records at the middle budget, plus
@@ -46,8 +49,8 @@ def _montage(original, panels: list[tuple[str, object]], out: Path) -> Path:
     return out
 
 
-def write_overlays(model, processor, records, pruners: list[str], keep: int, folder: Path) -> list[Path]:
-    """One overlay per (record, pruner) at `keep`, and one montage per record."""
+def write_overlays(model, processor, records, pruners: dict[str, object], folder: Path) -> list[Path]:
+    """One overlay per (record, pruner) for each named pruner object, and one montage per record."""
     from . import apply
     from .harness import make_inputs
     from .overlay import visualize
@@ -56,8 +59,8 @@ def write_overlays(model, processor, records, pruners: list[str], keep: int, fol
     inputs = make_inputs(model, processor, records)
     panels: list[list[tuple[str, object]]] = [[] for _ in records]
     written = []
-    for name in pruners:
-        with apply(model, name, keep=keep) as handle, torch.no_grad():
+    for name, pruner in pruners.items():
+        with apply(model, pruner) as handle, torch.no_grad():
             model(**inputs)
             for index, (record, stats) in enumerate(zip(records, handle.stats)):
                 overlay = visualize(record.image, stats)
@@ -73,7 +76,9 @@ def write_overlays(model, processor, records, pruners: list[str], keep: int, fol
 def main(argv: list[str] | None = None) -> dict:
     import vtprune
 
+    from .calibration import calibrate
     from .eval.synthetic import generate
+    from .registry import get_pruner_class
     from .harness import evaluate
     from .models import embedded_model_available, load_embedded
     from .report import plots, table
@@ -87,7 +92,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=1000, help="benchmark seed (the model never trained on it)")
     parser.add_argument("--image-size", type=int, default=336, help="rendered image side in pixels")
     parser.add_argument("--budgets", type=int, nargs="+", default=None, help="visual tokens kept per image (default: 25%%, 12.5%%, 6%%)")
-    parser.add_argument("--pruners", nargs="+", default=None, help="default: every registered pruner")
+    parser.add_argument("--pruners", nargs="+", default=None, help="default: every registered pruner, DyMU included")
+    parser.add_argument("--calibration-size", type=int, default=64, help="DyMU calibration images (default 64)")
+    parser.add_argument("--calibration-seed", type=int, default=1, help="their benchmark seed (default 1; not --seed)")
     parser.add_argument("--batch-size", type=int, default=40)
     parser.add_argument("--timing-repeats", type=int, default=3, help="prefill latency: min over this many runs")
     parser.add_argument("--overlays", type=int, default=3, help="records to draw overlays for")
@@ -108,14 +115,30 @@ def main(argv: list[str] | None = None) -> dict:
         model, processor = tiny_llava()
     tokens = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
     budgets = args.budgets or [max(1, round(f * tokens)) for f in DEFAULT_FRACTIONS]
-    pruners = args.pruners or vtprune.list_pruners()
+    pruners = args.pruners or vtprune.list_pruners(kind=None)
+    for name in pruners:
+        get_pruner_class(name)  # an unknown name fails now, with the valid choices, not after the baseline
+    if "dymu" in pruners and args.calibration_seed == args.seed:
+        parser.error("--calibration-seed must differ from --seed: DyMU must not be calibrated on the scored records")
     records = generate(args.size, seed=args.seed, image_size=args.image_size)
     settings = dict(batch_size=args.batch_size, max_new_tokens=10, timing_repeats=args.timing_repeats, warmup=1)
 
+    def make(name: str, keep: int):
+        if get_pruner_class(name).kind != "encoder_merging":
+            return vtprune.create_pruner(name, keep=keep)
+        images = [r.image for r in generate(args.calibration_size, seed=args.calibration_seed, image_size=args.image_size)]
+        thresholds = calibrate(model, name, images, processor=processor, keep=keep, batch_size=8, progress=False)
+        return vtprune.create_pruner(name, thresholds=thresholds)
+
     baseline = evaluate(model, processor, records, None, **settings)
     results = [baseline]
+    made = {}
     for name, keep in tqdm([(n, k) for n in pruners for k in budgets], desc="pruners x budgets"):
-        results.append(evaluate(model, processor, records, name, keep=keep, reference=baseline, **settings))
+        made[name, keep] = make(name, keep)
+        result = evaluate(model, processor, records, made[name, keep], reference=baseline, **settings)
+        if result["budget"] == "dynamic":
+            result["budget"] = f"calibrated keep={keep}"
+        results.append(result)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -123,7 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
     text = table(results)
     images = plots(results, out)
     overlay_budget = sorted(budgets)[len(budgets) // 2]
-    overlays = write_overlays(model, processor, records[: args.overlays], pruners, overlay_budget, out / "overlays") if args.overlays else []
+    at_budget = {name: made[name, overlay_budget] for name in pruners}
+    overlays = write_overlays(model, processor, records[: args.overlays], at_budget, out / "overlays") if args.overlays else []
     (out / "report.md").write_text(
         f"# vtprune main job: {model_name} model, {len(records)} held-out records (seed {args.seed})\n\n{text}\n"
         + "".join(f"![{p.stem}]({p.name})\n" for p in images)

@@ -61,16 +61,47 @@ def preset_targets(preset: str, tokens: int, blocks: int) -> list[int]:
     """
     if preset not in PRESETS:
         raise ConfigError(f"unknown DyMU preset {preset!r}; choose one of {', '.join(PRESETS)} or pass targets=[...]")
+    _check_blocks(blocks)
+    fraction = PRESETS[preset]
+    constant = [int(round(fraction * tokens / blocks))] * blocks
+    return constant if _feasible(constant, tokens) else _geometric(fraction, tokens, blocks)
+
+
+def keep_targets(keep: int, tokens: int, blocks: int) -> list[int]:
+    """Per-block merge targets that merge exactly ``tokens - keep`` tokens, so that an average calibration image
+    ends with `keep` tokens: DyMU at a fixed-budget pruner's budget, for side-by-side comparisons.
+
+    As `preset_targets`: a constant schedule (the remainder spread over the first blocks) when every block can
+    meet it with a margin, else a geometric one whose last block takes the rounding remainder.
+    """
+    _check_blocks(blocks)
+    if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= tokens:
+        raise ConfigError(f"keep must be an integer in [1, {tokens}] (the encoder's {tokens} tokens per image), got {keep!r}")
+    merged = tokens - keep
+    base, extra = divmod(merged, blocks)
+    constant = [base + (block < extra) for block in range(blocks)]
+    if _feasible(constant, tokens):
+        return constant
+    targets = _geometric(merged / tokens, tokens, blocks)
+    targets[-1] += merged - sum(targets)
+    return targets
+
+
+def _check_blocks(blocks: int) -> None:
     if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
         raise ConfigError(f"blocks must be a positive integer, got {blocks!r}")
-    fraction = PRESETS[preset]
-    constant = int(round(fraction * tokens / blocks))
-    remaining, feasible = tokens, True
-    for _ in range(blocks):
-        feasible &= constant <= FEASIBLE_SHARE * (remaining // 2)
-        remaining -= constant
-    if feasible:
-        return [constant] * blocks
+
+
+def _feasible(targets: list[int], tokens: int) -> bool:
+    remaining = tokens
+    for r in targets:
+        if r > FEASIBLE_SHARE * (remaining // 2):
+            return False
+        remaining -= r
+    return True
+
+
+def _geometric(fraction: float, tokens: int, blocks: int) -> list[int]:
     share = 1.0 - (1.0 - fraction) ** (1.0 / blocks)
     targets, remaining = [], tokens
     for _ in range(blocks):
