@@ -139,6 +139,18 @@ def test_main_job_pipeline_on_a_reduced_setting(tmp_path, capsys, model):
         assert montage.size[0] == record.image.size[0] * (1 + len(pruners))
 
 
+def test_main_job_rejects_unknown_pruners_and_calibrating_on_the_scored_records(tmp_path, capsys):
+    from vtprune import demo
+    from vtprune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown pruner 'nope'; registered pruners: divprune, fastervlm"):
+        demo.main(["--model", "tiny", "--out", str(tmp_path), "--pruners", "fastervlm", "nope"])
+    with pytest.raises(SystemExit):
+        demo.main(["--model", "tiny", "--out", str(tmp_path), "--pruners", "dymu", "--calibration-seed", "1000"])
+    assert "--calibration-seed must differ from --seed: dymu must not be calibrated on the scored records" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 def _eval_module(name: str):
     import importlib.util
 

@@ -78,9 +78,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     from .calibration import calibrate
     from .eval.synthetic import generate
-    from .registry import get_pruner_class
     from .harness import evaluate
     from .models import embedded_model_available, load_embedded
+    from .registry import get_pruner_class
     from .report import plots, table
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -99,6 +99,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--timing-repeats", type=int, default=3, help="prefill latency: min over this many runs")
     parser.add_argument("--overlays", type=int, default=3, help="records to draw overlays for")
     args = parser.parse_args(argv)
+    pruners = args.pruners or vtprune.list_pruners(kind=None)
+    calibrated = [name for name in pruners if get_pruner_class(name).kind == "encoder_merging"]  # unknown names fail here
+    if calibrated and args.calibration_seed == args.seed:
+        parser.error(f"--calibration-seed must differ from --seed: {', '.join(calibrated)} must not be calibrated on the scored records")
 
     started = time.perf_counter()
     model_name = args.model
@@ -115,16 +119,11 @@ def main(argv: list[str] | None = None) -> dict:
         model, processor = tiny_llava()
     tokens = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
     budgets = args.budgets or [max(1, round(f * tokens)) for f in DEFAULT_FRACTIONS]
-    pruners = args.pruners or vtprune.list_pruners(kind=None)
-    for name in pruners:
-        get_pruner_class(name)  # an unknown name fails now, with the valid choices, not after the baseline
-    if "dymu" in pruners and args.calibration_seed == args.seed:
-        parser.error("--calibration-seed must differ from --seed: DyMU must not be calibrated on the scored records")
     records = generate(args.size, seed=args.seed, image_size=args.image_size)
     settings = dict(batch_size=args.batch_size, max_new_tokens=10, timing_repeats=args.timing_repeats, warmup=1)
 
     def make(name: str, keep: int):
-        if get_pruner_class(name).kind != "encoder_merging":
+        if name not in calibrated:
             return vtprune.create_pruner(name, keep=keep)
         images = [r.image for r in generate(args.calibration_size, seed=args.calibration_seed, image_size=args.image_size)]
         thresholds = calibrate(model, name, images, processor=processor, keep=keep, batch_size=8, progress=False)
