@@ -218,7 +218,8 @@ class DyMU(EncoderMerger):
         if keep is not None or ratio is not None:
             raise ConfigError(
                 "dymu has no fixed budget (keep/ratio): the token count of each image follows its thresholds; "
-                "choose them with vtprune.calibrate(model, 'dymu', images, preset='low'|'mid'|'high')"
+                "choose them with vtprune.calibrate(model, 'dymu', images, preset='low'|'mid'|'high'), or with keep=K "
+                "for thresholds that keep K tokens on an average calibration image"
             )
         if thresholds is None:
             raise ConfigError(
