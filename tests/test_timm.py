@@ -329,7 +329,10 @@ def test_probe_matches_timm_attention(vits, x, kind):
     prefix = model.num_prefix_tokens
     weights, keys, inputs = eager_attention(model, x)
     probe = TimmAttentionProbe(model.blocks, inputs, prefix)
-    tight = dict(rtol=1e-6, atol=1e-7)
+    # The probe computes one row (or the mean) with its own matmul shapes; CPU GEMM kernels block those
+    # differently from timm's full S x S product, so results agree to a few float32 ulps, not bitwise
+    # (measured, torch 2.15: within 1e-6 relative on one Xeon, up to 3.6e-7 absolute and 1.6e-6 relative on another).
+    tight = dict(rtol=1e-5, atol=1e-6)
     for layer in range(DEPTH):
         for image in range(x.shape[0]):
             attention = weights[layer][image]  # [H, S, S]
