@@ -33,6 +33,14 @@ The measurement, per photo, pruner and budget K (49 / 24 / 12 of 196 patches: 25
 4. report the cosine similarity with the unpruned embedding (the same path with every token, which equals
    the model's own ``image_embeds``: `evaluate(verify=True)`, the default, records the difference, 0.0).
 
+In-encoder merging (DyMU, ``list_pruners("encoder_merging")``) has no fixed budget: it merges inside blocks
+``0 .. after_block`` (proportional attention, CLS protected), and the blocks after it run on the merged tokens
+with the same size bias. Its thresholds are calibrated per budget with `keep_targets` (``vtprune.calibrate``'s
+``keep=K``: merges that leave K tokens on an average calibration image), by two-fold cross-fitting: the photos
+are split alternately into two folds and each fold is scored with thresholds found on the other (one
+calibration batch), so no photo is scored with thresholds that saw it. Its token count varies per photo; the
+report gives the mean, min and max.
+
 Budgets: 12.5 % of 196 is 24.5 and 6 % is 11.8; 24 and 12 are used because the `pool` baseline needs a factor
 pair that fits the 14 x 14 grid (24 -> 6 x 4 cells, 12 -> 4 x 3, 49 -> 7 x 7).
 
@@ -71,6 +79,8 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 BUDGETS = {"25%": 49, "12.5%": 24, "6%": 12}
+CALIBRATION_FOLDS = 2
+"""In-encoder merging methods are calibrated on the other fold(s) of the photos than the one they score."""
 """Name -> tokens kept of 196. 24 and 12 (not 25 / 11) so that `pool` can tile the 14 x 14 grid."""
 
 SKIMAGE_PHOTOS = (
@@ -342,7 +352,9 @@ def reduce_run(model, run: TowerRun, pruner, keep: int):
 @torch.no_grad()
 def image_embeds(model, pixel_values: torch.Tensor, pruner=None, keep: int | None = None, after_block: int = -2):
     """``([B, 512] image embeddings, stats)``: unpruned when `pruner` is None (stats None), else with the patch
-    tokens leaving block `after_block` reduced to `keep` by `pruner` (a name or a `Pruner`)."""
+    tokens leaving block `after_block` reduced to `keep` by `pruner` (a name or a `Pruner`). An in-encoder
+    merging pruner (a calibrated DyMU; `keep` must be None) merges inside blocks ``0 .. after_block``."""
+    from vtprune.merging.base import EncoderMerger
     from vtprune.registry import create_pruner
 
     if pruner is None:
@@ -350,11 +362,99 @@ def image_embeds(model, pixel_values: torch.Tensor, pruner=None, keep: int | Non
         return finish(model, run.hidden, run.after), None
     if isinstance(pruner, str):
         pruner = create_pruner(pruner, keep=keep)
+    if isinstance(pruner, EncoderMerger):
+        if keep is not None:
+            raise ValueError(f"{pruner.name} merges by its thresholds, not to a fixed keep (got keep={keep})")
+        return merged_embeds(model, pixel_values, pruner, after_block)
     keep = keep if keep is not None else pruner.budget.resolve(GRID[0] * GRID[1])
     after = _normalize_block(model, after_block)
     run = run_to(model, pixel_values, after, pruner.attention_layers(encoder_info(model, after)))
     sequence, stats = reduce_run(model, run, pruner, keep)
     return finish(model, sequence, run.after), stats
+
+
+# ---------------------------------------------------------------------------------------------- in-encoder merging
+def _merging_runner(model):
+    from vtprune.integrations.encoder_merging import ClipStyleBlocks
+
+    return ClipStyleBlocks(model.vision_model.encoder.layers, model.config._attn_implementation)
+
+
+@torch.no_grad()
+def run_merging(model, pixel_values: torch.Tensor, merger, after_block: int = -2):
+    """Embeddings, ``pre_layrnorm`` and blocks ``0 .. after_block`` with `merger` (a `vtprune.merging.EncoderMerger`,
+    e.g. DyMU or its calibrator) merging in each block, the CLS token protected. Returns the final
+    `vtprune.merging.MergeState` and the per-block token counts (CLS included)."""
+    from vtprune.integrations.encoder_merging import run_merging_blocks
+
+    vision = model.vision_model
+    after = _normalize_block(model, after_block)
+    hidden = vision.pre_layrnorm(vision.embeddings(pixel_values.to(vision.embeddings.patch_embedding.weight.dtype)))
+    return run_merging_blocks(_merging_runner(model), hidden, merger, after + 1, protected=1)
+
+
+@torch.no_grad()
+def finish_merged(model, state, after: int) -> torch.Tensor:
+    """`finish` for a merged batch: the blocks after `after` keep proportional attention (``log(size)`` per key,
+    padding masked), then the CLS embedding ``[B, 512]``. Unmerged, it is exactly `finish`."""
+    from vtprune.merging.dtome import attention_bias
+
+    runner = _merging_runner(model)
+    hidden, bias = state.x, attention_bias(state, state.x.dtype)
+    for i in range(after + 1, len(model.vision_model.encoder.layers)):
+        if bias is None:
+            hidden = runner.original(i, hidden)
+        else:
+            hidden = runner.finish(i, runner.attend(i, hidden, bias, want_keys=False)[0])
+    return model.visual_projection(model.vision_model.post_layernorm(hidden[:, 0, :]))
+
+
+@torch.no_grad()
+def merged_embeds(model, pixel_values: torch.Tensor, merger, after_block: int = -2):
+    """``([B, 512] image embeddings, per-image ImageStats)`` with `merger` merging inside blocks
+    ``0 .. after_block``; ``stats[i].tokens_out`` patch tokens of image i leave block `after_block`."""
+    from vtprune.integrations.encoder_merging import merged_image_stats
+
+    after = _normalize_block(model, after_block)
+    state, history = run_merging(model, pixel_values, merger, after)
+    stats = [merged_image_stats(state, history, i)[1] for i in range(state.x.shape[0])]
+    return finish_merged(model, state, after), stats
+
+
+@torch.no_grad()
+def calibrate_merger(model, name: str, pixel_values: torch.Tensor, keep: int, after_block: int = -2):
+    """The in-encoder merging method `name` calibrated on `pixel_values` (one batch) so that an average of these
+    images keeps `keep` patch tokens after block `after_block` (``vtprune.calibrate(..., keep=K)``'s targets)."""
+    import vtprune
+    from vtprune.errors import ConfigError
+    from vtprune.pruners.dymu import DyMUCalibrator, keep_targets
+
+    if name != "dymu":
+        raise ConfigError(f"no calibration for in-encoder merging method {name!r} here; calibrated methods: ['dymu']")
+    after = _normalize_block(model, after_block)
+    calibrator = DyMUCalibrator(keep_targets(keep, GRID[0] * GRID[1], after + 1))
+    run_merging(model, pixel_values, calibrator, after)
+    meta = {"keep": keep, "tokens": GRID[0] * GRID[1], "blocks": after + 1, "images": int(pixel_values.shape[0])}
+    return vtprune.create_pruner(name, thresholds=calibrator.thresholds(meta))
+
+
+def cross_fitted_merging(model, name: str, pixel_values: torch.Tensor, keep: int, after_block: int = -2,
+                         folds: int = CALIBRATION_FOLDS):
+    """`merged_embeds` for every image, each scored with `name` calibrated (`calibrate_merger`) on the images of
+    the other folds (image i is in fold ``i % folds``). Returns ``(embeds, stats, thresholds per fold)``."""
+    count = pixel_values.shape[0]
+    if not 2 <= folds <= count:
+        raise ValueError(f"cross-fitting needs 2 <= folds <= images ({count}), got folds={folds}")
+    embeds, stats, thresholds = [None] * count, [None] * count, []
+    for fold in range(folds):
+        scored = [i for i in range(count) if i % folds == fold]
+        calibration = [i for i in range(count) if i % folds != fold]
+        merger = calibrate_merger(model, name, pixel_values[calibration], keep, after_block)
+        thresholds.append(list(merger.thresholds.values))
+        fold_embeds, fold_stats = merged_embeds(model, pixel_values[scored], merger, after_block)
+        for j, i in enumerate(scored):
+            embeds[i], stats[i] = fold_embeds[j], fold_stats[j]
+    return torch.stack(embeds), stats, thresholds
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -368,10 +468,11 @@ def evaluate(
     overlay_photos: Sequence[str] | None = DEFAULT_OVERLAY_PHOTOS,
     verify: bool = True,
 ) -> dict:
-    """Cosine similarity of pruned vs unpruned image embeddings for every pruner x budget over `photos`.
+    """Cosine similarity of pruned vs unpruned image embeddings for every pruner x budget over `photos` (default:
+    every registered pruner, DyMU included, calibrated per budget by cross-fitting: see the module doc).
 
-    Returns a JSON-ready dict (``results[pruner][budget_name]`` holds ``keep``, ``mean``, ``min`` and
-    ``per_photo``). With `overlay_dir`, writes ``<overlay_dir>/<pruner>_<keep>/<photo>.png`` for the photos
+    Returns a JSON-ready dict (``results[pruner][budget_name]`` holds ``keep``, ``mean``, ``min``,
+    ``per_photo`` and the patch ``tokens`` kept: mean / min / max, exactly ``keep`` except for DyMU). With `overlay_dir`, writes ``<overlay_dir>/<pruner>_<keep>/<photo>.png`` for the photos
     named in `overlay_photos` (None: all): the original photo at full size, the token grid drawn on the centre
     crop the encoder saw and the rest darkened. `verify` also runs the model's own forward and records how far
     the manual path and the keep-all reduction are from it (``checks``; both 0.0 measured).
@@ -379,10 +480,14 @@ def evaluate(
     import vtprune
     from vtprune.overlay import center_crop_region, save_overlays
 
-    pruners = list(pruners or vtprune.list_pruners())
+    pruners = list(pruners or vtprune.list_pruners(kind=None))
+    merging = set(vtprune.list_pruners("encoder_merging"))
     after = _normalize_block(model, after_block)
     info = encoder_info(model, after)
-    instances = {(name, keep): vtprune.create_pruner(name, keep=keep) for name in pruners for keep in budgets.values()}
+    instances = {
+        (name, keep): vtprune.create_pruner(name, keep=keep)
+        for name in pruners if name not in merging for keep in budgets.values()
+    }
     capture = set().union(*(p.attention_layers(info) for p in instances.values()))
 
     started = time.perf_counter()
@@ -407,16 +512,25 @@ def evaluate(
     for name in pruners:
         results[name] = {}
         for label, keep in budgets.items():
-            with torch.no_grad():
-                sequence, stats = reduce_run(model, run, instances[(name, keep)], keep)
-                embeds = finish(model, sequence, after)
+            calibration = {}
+            if name in merging:
+                embeds, stats, thresholds = cross_fitted_merging(model, name, pixels, keep, after)
+                calibration = {"folds": CALIBRATION_FOLDS, "thresholds": thresholds}
+            else:
+                with torch.no_grad():
+                    sequence, stats = reduce_run(model, run, instances[(name, keep)], keep)
+                    embeds = finish(model, sequence, after)
             cosine = torch.nn.functional.cosine_similarity(embeds, unpruned, dim=-1)
+            tokens = [s.tokens_out for s in stats]
             results[name][label] = {
                 "keep": keep,
                 "mean": float(cosine.mean()),
                 "min": float(cosine.min()),
                 "argmin": names[int(cosine.argmin())],
                 "per_photo": {n: float(c) for n, c in zip(names, cosine)},
+                "tokens": {"mean": sum(tokens) / len(tokens), "min": min(tokens), "max": max(tokens)},
+                "tokens_per_photo": dict(zip(names, tokens)),
+                **({"calibration": calibration} if calibration else {}),
             }
             if overlay_dir is not None and wanted:
                 save_overlays(
@@ -443,8 +557,9 @@ def evaluate(
             "python": platform.python_version(),
         },
         "definition": "cosine similarity between the image embedding computed from CLS + K reduced patch tokens "
-        "(reduced after block `after_block`, later blocks run on the reduced sequence) and the unpruned "
-        "embedding; mean and min over the photos",
+        "(reduced after block `after_block`, later blocks run on the reduced sequence; in-encoder merging "
+        "merges inside blocks 0 to `after_block`, calibrated by cross-fitting) and the unpruned embedding; mean "
+        "and min over the photos",
     }
 
 
@@ -455,14 +570,21 @@ def table(report: dict) -> str:
     lines = [
         (
             f"Cosine similarity to the unpruned CLIP ViT-B/16 image embedding, mean / min over "
-            f"{len(report['photos'])} photos, patches reduced after block {report['after_block']} of 12."
+            f"{len(report['photos'])} photos, patches reduced after block {report['after_block']} of 12 "
+            "(in-encoder merging: inside blocks 0 to it; its token count per photo in brackets, mean and range)."
         ),
         "",
         header,
         "|---" * (len(budgets) + 1) + "|",
     ]
     for name, row in report["results"].items():
-        cells = [f"{row[label]['mean']:.4f} / {row[label]['min']:.4f}" for label in budgets]
+        cells = []
+        for label, keep in budgets.items():
+            cell, tokens = row[label], row[label]["tokens"]
+            spread = "" if tokens["min"] == tokens["max"] == keep else (
+                f" ({tokens['mean']:.1f} tokens, {tokens['min']}-{tokens['max']})"
+            )
+            cells.append(f"{cell['mean']:.4f} / {cell['min']:.4f}{spread}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -470,7 +592,7 @@ def table(report: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m vtprune.eval.real_clip", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="real_clip_results", help="output folder (results.json, table.md, overlays/)")
-    parser.add_argument("--pruners", nargs="*", default=None, help="default: every registered pruner")
+    parser.add_argument("--pruners", nargs="*", default=None, help="default: every registered pruner, DyMU included")
     parser.add_argument("--budgets", nargs="*", type=int, default=None, help="tokens kept of 196 (default 49 24 12)")
     parser.add_argument("--after-block", type=int, default=-2, help="prune the patch tokens leaving this block")
     parser.add_argument("--sources", nargs="*", default=list(PHOTO_SOURCES), choices=PHOTO_SOURCES)

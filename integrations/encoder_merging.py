@@ -20,7 +20,8 @@ import torch
 
 from vtprune.errors import UnsupportedModelError
 from vtprune.merging.base import EncoderMerger
-from vtprune.merging.dtome import MergeState, attention_bias
+from vtprune.merging.dtome import MergeState, attention_bias, groups
+from vtprune.tokens import ImageStats
 
 ATTENTION_WITH_MASKS = ("sdpa", "eager")
 
@@ -136,3 +137,21 @@ def run_merging_blocks(
             state = state.with_x(runner.finish(i, state.x))
         history.append(state.counts)
     return state, history
+
+
+def merged_image_stats(state: MergeState, history: list[torch.Tensor], image: int, **extra) -> tuple[torch.Tensor, ImageStats]:
+    """Row `image` of a merged batch: the state positions of its output tokens (merge groups in raster order of
+    their first member, protected tokens excluded) and its `ImageStats` (``extra["tokens_per_block"]`` from
+    `history`, the per-block counts `run_merging_blocks` returns)."""
+    skip = state.protected
+    count = int(state.valid[image].sum())
+    positions, order, assignment = groups(state.where[image], count, skip=skip)
+    stats = ImageStats(
+        tokens_in=state.where.shape[1] - skip,
+        tokens_out=int(order.numel()),
+        kept=order.cpu(),
+        order=order.cpu(),
+        assignment=assignment.cpu(),
+        extra={**extra, "tokens_per_block": [int(h[image]) - skip for h in history]},
+    )
+    return positions, stats

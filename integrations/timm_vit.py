@@ -42,10 +42,10 @@ import torch
 from vtprune.attention import QKAttentionProbe, captured
 from vtprune.errors import ConfigError, UnsupportedModelError
 from vtprune.integration import Integration, reduce_images, register_integration
-from vtprune.merging.dtome import MergeState, groups
-from vtprune.tokens import EncoderInfo, ImageStats, normalize_layer
+from vtprune.merging.dtome import MergeState
+from vtprune.tokens import EncoderInfo, normalize_layer
 
-from .encoder_merging import TimmBlocks, run_merging_blocks
+from .encoder_merging import TimmBlocks, merged_image_stats, run_merging_blocks
 
 
 def _vit_class():
@@ -261,18 +261,9 @@ class TimmViTIntegration(Integration):
             # Rows are laid out in output order (prefix, then merged tokens by first member), as stats describe.
             layout = torch.arange(state.x.shape[1], device=state.x.device).repeat(state.x.shape[0], 1)
             for i in range(state.x.shape[0]):
-                positions, order, assignment = groups(state.where[i], counts[i], skip=prefix)
+                positions, image_stats = merged_image_stats(state, history, i, row=i)
                 layout[i, prefix : counts[i]] = positions
-                stats.append(
-                    ImageStats(
-                        tokens_in=state.where.shape[1] - prefix,
-                        tokens_out=int(order.numel()),
-                        kept=order.cpu(),
-                        order=order.cpu(),
-                        assignment=assignment.cpu(),
-                        extra={"row": i, "tokens_per_block": [int(h[i]) - prefix for h in history]},
-                    )
-                )
+                stats.append(image_stats)
             handle.stats = stats
             handle.selection_time = self.pruner.merge_seconds
             if state.merged:  # unmerged: keep the tensor (and its memory layout) exactly as the blocks left it
