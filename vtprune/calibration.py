@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -75,8 +75,7 @@ def calibrate(
         `DyMUThresholds` (``.save(path)`` writes JSON; `vtprune.apply(model, "dymu", thresholds=...)` takes the
         object or the path).
     """
-    if method not in CALIBRATED_METHODS:
-        raise ConfigError(f"unknown calibration method {method!r}; methods with calibration: {', '.join(CALIBRATED_METHODS)}")
+    _check_method(method)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     integration_cls = find_integration(model)
@@ -86,8 +85,54 @@ def calibrate(
             f"{method} merges tokens inside the vision encoder, which vtprune does not support for "
             f"{type(model).__name__}: {reason}"
         )
-    probe = integration_cls(model, DyMUCalibrator([]), **options)
-    blocks, tokens = probe.merging_geometry()
+    integration = integration_cls(model, DyMUCalibrator([]), **options)  # the merger is passed per run
+    blocks, tokens = integration.merging_geometry()
+    return calibrate_encoder(
+        lambda batch, calibrator: integration.run_merging(integration.calibration_pixels(batch, processor), calibrator),
+        _batches(images, batch_size),
+        blocks,
+        tokens,
+        method,
+        preset=preset,
+        targets=targets,
+        keep=keep,
+        progress=progress,
+        total=len(images) if hasattr(images, "__len__") else None,
+        meta={"model": type(model).__name__, "batch_size": batch_size},
+    )
+
+
+def _check_method(method: str) -> None:
+    if method not in CALIBRATED_METHODS:
+        raise ConfigError(f"unknown calibration method {method!r}; methods with calibration: {', '.join(CALIBRATED_METHODS)}")
+
+
+def calibrate_encoder(
+    run_batch: Callable[[Any, DyMUCalibrator], Any],
+    batches: Iterable[Sequence[Any]],
+    blocks: int,
+    tokens: int,
+    method: str = "dymu",
+    *,
+    preset: str | None = "mid",
+    targets: Sequence[int] | None = None,
+    keep: int | None = None,
+    progress: bool = True,
+    total: int | None = None,
+    meta: dict | None = None,
+) -> DyMUThresholds:
+    """The model-agnostic core of `calibrate`, for vision encoders without an integration (e.g. a bare CLIP tower).
+
+    Args:
+        run_batch: ``run_batch(batch, calibrator)`` runs the encoder's `blocks` merging blocks on one batch with
+            `calibrator` merging in them (e.g. via `vtprune.integrations.encoder_merging.run_merging_blocks`).
+        batches: the calibration batches (each threshold is found per batch and averaged over them).
+        blocks, tokens: merging blocks that run, and tokens per image before merging.
+        method, preset, targets, keep, progress: as in `calibrate`.
+        total: number of images, for the progress bar.
+        meta: extra fields for the thresholds' metadata.
+    """
+    _check_method(method)
     if targets is not None and keep is not None:
         raise ConfigError("give targets= (merges per block) or keep= (tokens an average image keeps), not both")
     if targets is not None:
@@ -105,18 +150,15 @@ def calibrate(
     calibrator.begin(blocks)  # wrong-length targets fail before any image is read
     if sum(targets) >= tokens:
         raise ConfigError(f"targets merge {sum(targets)} tokens in total but an image has only {tokens}")
-    integration = integration_cls(model, calibrator, **options)
 
     from tqdm import tqdm
 
     seen = 0
-    total = len(images) if hasattr(images, "__len__") else None
     bar = tqdm(desc=f"calibrating {method}", unit="img", total=total, disable=not progress)
     try:
         with torch.no_grad():
-            for batch in _batches(images, batch_size):
-                pixel_values = integration.calibration_pixels(batch, processor)
-                integration.run_merging(pixel_values, calibrator)
+            for batch in batches:
+                run_batch(batch, calibrator)
                 seen += len(batch)
                 bar.update(len(batch))
     finally:
@@ -124,14 +166,13 @@ def calibrate(
     if seen == 0:
         raise ConfigError("calibration got no images")
     meta = {
-        "model": type(model).__name__,
+        **(meta or {}),
         "preset": preset_name,
         "targets": targets,
         "keep": keep,
         "tokens": tokens,
         "blocks": blocks,
         "images": seen,
-        "batch_size": batch_size,
     }
     return calibrator.thresholds(meta)
 

@@ -122,11 +122,15 @@ def main(argv: list[str] | None = None) -> dict:
     records = generate(args.size, seed=args.seed, image_size=args.image_size)
     settings = dict(batch_size=args.batch_size, max_new_tokens=10, timing_repeats=args.timing_repeats, warmup=1)
 
+    calibration_images = (
+        [r.image for r in generate(args.calibration_size, seed=args.calibration_seed, image_size=args.image_size)]
+        if calibrated else []
+    )
+
     def make(name: str, keep: int):
         if name not in calibrated:
             return vtprune.create_pruner(name, keep=keep)
-        images = [r.image for r in generate(args.calibration_size, seed=args.calibration_seed, image_size=args.image_size)]
-        thresholds = calibrate(model, name, images, processor=processor, keep=keep, batch_size=8, progress=False)
+        thresholds = calibrate(model, name, calibration_images, processor=processor, keep=keep, batch_size=8, progress=False)
         return vtprune.create_pruner(name, thresholds=thresholds)
 
     baseline = evaluate(model, processor, records, None, **settings)
