@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from vtprune import ConfigError
+from vtprune.lmms_eval_check import KNOWN_BREAKS, LmmsEvalBrokenError, check_lmms_eval, explain_failure
 from vtprune.lmms_eval_plugin import MODELS, PruneSettings, pop_vtprune_args
 
 RECORDS = 12
@@ -123,9 +124,83 @@ def test_plugin_import_needs_no_lmms_eval():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
+# ---------------------------------------------------------------------------------------------- the guard
+def require_lmms_eval() -> None:
+    """Skip only where lmms-eval is not installed; an installed lmms-eval that fails to import is a failure."""
+    from importlib import metadata
+
+    try:
+        metadata.version("lmms-eval")
+    except metadata.PackageNotFoundError:
+        pytest.skip('lmms-eval is not installed (pip install "vtprune[lmms]")')
+    failure = None
+    try:
+        import lmms_eval.evaluator  # noqa: F401
+    except Exception as error:
+        failure = explain_failure(error)
+    if failure is not None:
+        pytest.fail(failure, pytrace=False)
+
+
+def test_installed_lmms_eval_runs_its_evaluator(tmp_path):
+    """lmms-eval's own simple_evaluate on a two-document task with a stub model: a few seconds, no weights.
+
+    This is the fast guard against an upstream release breaking the evaluator (filelock 4.3 did): the failure
+    message names the package and the versions, instead of the CLI tests' missing result files.
+    """
+    require_lmms_eval()
+    failure = None
+    try:
+        report = check_lmms_eval(tmp_path)
+    except LmmsEvalBrokenError as error:
+        failure = str(error)
+    if failure is not None:  # outside the except block, so the report is the diagnosis alone
+        pytest.fail(failure, pytrace=False)
+    assert report["exact_match"] == 0.5  # the stub answers the first document right and the second wrong
+    assert report["lmms-eval"] and report["filelock"]
+    assert (tmp_path / "check_utils.py").exists()
+
+
+def test_explain_failure_names_the_missing_module_package_and_version():
+    error = ModuleNotFoundError("No module named 'filelock._api'", name="filelock._api")
+    message = explain_failure(error, {"lmms-eval": "0.7.3", "filelock": "4.3.2"})
+    assert message.startswith("lmms-eval 0.7.3 cannot run its evaluator: ModuleNotFoundError: No module named 'filelock._api'")
+    assert "The failure comes from filelock 4.3.2." in message
+    assert f"Known: {KNOWN_BREAKS['filelock']}." in message and "filelock<4.3" in message
+    assert "make test CONSTRAINTS=constraints.txt" in message
+
+
+def test_explain_failure_blames_the_deepest_third_party_frame():
+    import yaml
+
+    def evaluator_step():  # as if lmms-eval called into a dependency that raised
+        yaml.safe_load(42)
+
+    with pytest.raises(Exception) as info:
+        evaluator_step()
+    message = explain_failure(info.value, {"lmms-eval": "0.7.3"})
+    assert f"The failure comes from PyYAML {yaml.__version__}." in message
+    assert "Known:" not in message
+
+
+def test_check_lmms_eval_reports_a_broken_evaluator(monkeypatch, tmp_path):
+    """The check turns any evaluator failure into LmmsEvalBrokenError with the diagnosis (chained to the cause)."""
+    import vtprune.lmms_eval_check as check
+
+    def broken(folder):
+        raise ModuleNotFoundError("No module named 'filelock._api'", name="filelock._api")
+
+    monkeypatch.setattr(check, "_evaluate_stub", broken)
+    monkeypatch.setattr(check, "installed_versions", lambda names=check.WATCHED: {"lmms-eval": "0.7.3", "filelock": "4.3.2"})
+    with pytest.raises(LmmsEvalBrokenError, match=r"filelock 4\.3\.2") as info:
+        check.check_lmms_eval(tmp_path)
+    assert isinstance(info.value.__cause__, ModuleNotFoundError)
+    assert check.main([]) == 1
+
+
 # ---------------------------------------------------------------------------------------------- registration
 def test_entry_point_registers_the_models():
-    pytest.importorskip("lmms_eval")
+    require_lmms_eval()
     from importlib.metadata import entry_points
 
     from lmms_eval.models.registry_v2 import ModelManifest, ModelRegistryV2
@@ -145,7 +220,7 @@ def test_entry_point_registers_the_models():
 # ---------------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    pytest.importorskip("lmms_eval")
+    require_lmms_eval()
     pytest.importorskip("pyarrow")
     from transformers import AutoProcessor
     from vtprune.eval.synthetic import generate, to_parquet
