@@ -7,6 +7,7 @@ a pin that pyproject's bounds exclude would make the constrained install fail to
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -68,11 +69,14 @@ def test_constraints_satisfy_pyproject_bounds():
 def test_make_installs_with_the_constraints_file():
     """`make test CONSTRAINTS=constraints.txt` passes the file to pip; without it pip resolves on its own."""
 
+    # Under `make test CONSTRAINTS=...` the outer make hands its variables down through the environment.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "CONSTRAINTS")}
+
     def dry_run(*arguments: str) -> str:
         command = ["make", "-n", "-B", "install", "VENV=/nonexistent-venv", *arguments]
-        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
 
     constrained = [line for line in dry_run("CONSTRAINTS=constraints.txt").splitlines() if "pip install" in line and "-e" in line]
     assert len(constrained) == 1 and constrained[0].rstrip().endswith("-c constraints.txt"), constrained
-    resolved = [line for line in dry_run().splitlines() if "pip install" in line and "-e" in line]
+    resolved = [line for line in dry_run("CONSTRAINTS=").splitlines() if "pip install" in line and "-e" in line]
     assert len(resolved) == 1 and "-c " not in resolved[0], resolved
