@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 install: $(STAMP)
 
 demo: install
-	$(PY) -m vtprune.demo
+	$(PY) -m vtprune.apps.demo
 
 test: install
 	$(PY) -m pytest -q

@@ -5,7 +5,7 @@ LLaVA-1.5 takes its features after block 23 of 24 (vision_feature_layer=-2), so 
 keys are far more alike than trained ones, so the thresholds are calibrated on this same random tower (the
 presets' targets then hold for it; the absolute thresholds do not transfer to a trained CLIP). Calibration
 images and measured images are disjoint: synthetic scenes (`vtprune.eval.synthetic`) and smooth random blobs
-(`vtprune.testing.random_images`) of different seeds.
+(`vtprune.integrations.tiny_models.random_images`) of different seeds.
 
 Timed, per image (batch 1), minimum of `--repeats` runs after one warm-up round, fp32, interleaved (each round
 times every setting once, so load from other jobs on a shared machine hits all settings alike):
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     import vtprune
     from vtprune.eval import synthetic
     from vtprune.integrations.llava import LlavaIntegration
-    from vtprune.testing import random_images, tiny_llava
+    from vtprune.integrations.tiny_models import random_images, tiny_llava
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)

@@ -321,7 +321,7 @@ def reduce_run(model, run: TowerRun, pruner, keep: int):
     with the CLS in front, per-image ImageStats)``. Uses the integrations' `reduce_images` (see module doc)."""
     from vtprune.errors import ConfigError
     from vtprune.integration import reduce_images
-    from vtprune.integrations.clip_attention import ClipAttentionProbe
+    from vtprune.integrations.common.clip_attention import ClipAttentionProbe
 
     info = encoder_info(model, run.after)
     layers = pruner.attention_layers(info)
@@ -375,7 +375,7 @@ def image_embeds(model, pixel_values: torch.Tensor, pruner=None, keep: int | Non
 
 # ---------------------------------------------------------------------------------------------- in-encoder merging
 def _merging_runner(model):
-    from vtprune.integrations.encoder_merging import ClipStyleBlocks
+    from vtprune.integrations.common.encoder_merging import ClipStyleBlocks
 
     return ClipStyleBlocks(model.vision_model.encoder.layers, model.config._attn_implementation)
 
@@ -385,7 +385,7 @@ def run_merging(model, pixel_values: torch.Tensor, merger, after_block: int = -2
     """Embeddings, ``pre_layrnorm`` and blocks ``0 .. after_block`` with `merger` (a `vtprune.merging.EncoderMerger`,
     e.g. DyMU or its calibrator) merging in each block, the CLS token protected. Returns the final
     `vtprune.merging.MergeState` and the per-block token counts (CLS included)."""
-    from vtprune.integrations.encoder_merging import run_merging_blocks
+    from vtprune.integrations.common.encoder_merging import run_merging_blocks
 
     vision = model.vision_model
     after = _normalize_block(model, after_block)
@@ -413,7 +413,7 @@ def finish_merged(model, state, after: int) -> torch.Tensor:
 def merged_embeds(model, pixel_values: torch.Tensor, merger, after_block: int = -2):
     """``([B, 512] image embeddings, per-image ImageStats)`` with `merger` merging inside blocks
     ``0 .. after_block``; ``stats[i].tokens_out`` patch tokens of image i leave block `after_block`."""
-    from vtprune.integrations.encoder_merging import merged_image_stats
+    from vtprune.integrations.common.encoder_merging import merged_image_stats
 
     after = _normalize_block(model, after_block)
     state, history = run_merging(model, pixel_values, merger, after)

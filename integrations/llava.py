@@ -14,7 +14,7 @@ import torch
 
 from vtprune.capture import capture_layers
 from vtprune.errors import UnsupportedModelError
-from vtprune.integration import EncodedImages, VLMIntegration, reduce_images, register_integration
+from vtprune.integration import EncodedImages, VLMEncoderMerging, VLMIntegration, reduce_images
 from vtprune.tokens import EncoderInfo
 
 from vtprune.merging.dtome import groups
@@ -22,9 +22,9 @@ from vtprune.merging.vtu import build_virtual_map
 from vtprune.sequence import find_image_slots
 from vtprune.tokens import ImageStats
 
-from .clip_attention import ClipAttentionProbe
-from .encoder_merging import ClipStyleBlocks, run_merging_blocks
-from .virtual_unmerging import VirtualUnmerging
+from .common.clip_attention import ClipAttentionProbe
+from .common.encoder_merging import ClipStyleBlocks, run_merging_blocks
+from .common.virtual_unmerging import VirtualUnmerging
 
 
 @dataclass
@@ -49,8 +49,7 @@ def hidden_state_to_block(index: int, depth: int) -> int:
     return normalized - 1
 
 
-@register_integration
-class LlavaIntegration(VLMIntegration):
+class LlavaIntegration(VLMIntegration, VLMEncoderMerging):
     model_classes = ("LlavaForConditionalGeneration",)
     default_positions = "compact"
     visual_kwargs = ("pixel_values",)
@@ -143,8 +142,6 @@ class LlavaIntegration(VLMIntegration):
         )
 
     # ------------------------------------------------------------------ in-encoder merging (DyMU and alike)
-    encoder_merging_unsupported = None
-
     def _merging_blocks(self, feature_layer=None) -> int:
         feature_layer = self.model.config.vision_feature_layer if feature_layer is None else feature_layer
         if not isinstance(feature_layer, int):

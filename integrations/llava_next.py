@@ -67,10 +67,10 @@ from dataclasses import dataclass
 import torch
 
 from vtprune.errors import BudgetError, ConfigError, UnsupportedModelError
-from vtprune.integration import EncodedImages, _synchronize, reduce_images, register_integration
+from vtprune.integration import EncodedImages, _synchronize, reduce_images
 from vtprune.tokens import ImageStats
 
-from .clip_attention import ClipAttentionProbe
+from .common.clip_attention import ClipAttentionProbe
 from .llava import EncoderRun, LlavaIntegration
 
 BUDGET_SCOPES = ("per_crop", "global")
@@ -146,7 +146,6 @@ class _CropProbe:
         return keys[unit.patches.to(keys.device)]
 
 
-@register_integration
 class LlavaNextIntegration(LlavaIntegration):
     """LLaVA-NeXT anyres; see the module docstring for budget scopes, unpadding and output order.
 

@@ -33,7 +33,7 @@ import torch
 from vtprune.attention import received_attention
 from vtprune.capture import capture_calls
 from vtprune.errors import MissingCLSError
-from vtprune.integration import EncodedImages, VLMIntegration, reduce_images, register_integration
+from vtprune.integration import EncodedImages, VLMIntegration, reduce_images
 from vtprune.tokens import EncoderInfo
 
 @dataclass
@@ -125,7 +125,6 @@ class QwenAttentionProbe:
         return self._keys[layer][start:end]
 
 
-@register_integration
 class QwenVLIntegration(VLMIntegration):
     encoder_merging_unsupported = (
         "its ViT ends in a PatchMerger that concatenates each 2x2 group of four consecutive patches of a fixed grid "

@@ -41,11 +41,11 @@ import torch
 
 from vtprune.attention import QKAttentionProbe, captured
 from vtprune.errors import ConfigError, UnsupportedModelError
-from vtprune.integration import Integration, reduce_images, register_integration
+from vtprune.integration import EncoderMerging, Integration, reduce_images
 from vtprune.merging.dtome import MergeState
 from vtprune.tokens import EncoderInfo, normalize_layer
 
-from .encoder_merging import TimmBlocks, merged_image_stats, run_merging_blocks
+from .common.encoder_merging import TimmBlocks, merged_image_stats, run_merging_blocks
 
 
 def _vit_class():
@@ -119,8 +119,7 @@ class TimmAttentionProbe(QKAttentionProbe):
         return attn.q_norm(q).float() * attn.scale, attn.k_norm(k).float()
 
 
-@register_integration
-class TimmViTIntegration(Integration):
+class TimmViTIntegration(Integration, EncoderMerging):
     """Prunes the patch tokens of a timm `VisionTransformer` after block ``after_block`` (see module docstring)."""
 
     model_classes = ("timm VisionTransformer",)
@@ -197,7 +196,6 @@ class TimmViTIntegration(Integration):
         self.check_budget((int(grid[0]), int(grid[1])))
 
     # ------------------------------------------------------------------ in-encoder merging (DyMU and alike)
-    encoder_merging_unsupported = None
     MERGING_POOLS = ("token", "avg", "")
 
     def validate_merging(self) -> None:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import vtprune
-from vtprune.testing import random_images, tiny_llava
+from vtprune.integrations.tiny_models import random_images, tiny_llava
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
 

@@ -35,7 +35,7 @@ from vtprune.merging import (
 )
 from vtprune.pruners.dymu import DyMUThresholds, keep_targets, preset_targets
 from vtprune.sequence import find_image_slots
-from vtprune.testing import random_images
+from vtprune.integrations.tiny_models import random_images
 
 PROMPTS = [
     "USER: <image>\nWhat colour dominates? ASSISTANT:",
@@ -330,7 +330,7 @@ def test_bad_input_gives_clear_errors(llava, tmp_path):
 
 
 def test_qwen_is_unsupported_with_a_reason():
-    from vtprune.testing import tiny_qwen_vl
+    from vtprune.integrations.tiny_models import tiny_qwen_vl
 
     model, processor = tiny_qwen_vl("2", text_layers=1, vision_depth=2)
     with pytest.raises(UnsupportedModelError, match="PatchMerger.*2x2"):
@@ -340,7 +340,7 @@ def test_qwen_is_unsupported_with_a_reason():
 
 
 def test_calibrate_command(tmp_path):
-    from vtprune.calibration import main
+    from vtprune.apps.calibrate import main
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -360,7 +360,7 @@ def test_calibrate_command(tmp_path):
 # ---------------------------------------------------------------------------------------------- LLaVA-NeXT
 @pytest.fixture(scope="module")
 def llava_next():
-    from vtprune.testing import tiny_llava_next
+    from vtprune.integrations.tiny_models import tiny_llava_next
 
     return tiny_llava_next(seed=0, vision_layers=4, text_layers=1)
 
@@ -460,7 +460,7 @@ def test_timm_avg_pool_is_size_weighted():
 # ---------------------------------------------------------------------------------------------- harness
 def test_harness_runs_dymu_from_a_thresholds_file(llava, calibrated, tmp_path):
     from vtprune.eval.synthetic import generate
-    from vtprune.harness import evaluate
+    from vtprune.apps.harness import evaluate
 
     model, processor = llava
     path = calibrated["low"].save(tmp_path / "low.json")
@@ -475,7 +475,7 @@ def test_siglip_style_encoder_without_cls():
     """SigLIP's encoder layers run through the same CLIP-style runner, with nothing protected."""
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
-    from vtprune.integrations.encoder_merging import ClipStyleBlocks, run_merging_blocks
+    from vtprune.integrations.common.encoder_merging import ClipStyleBlocks, run_merging_blocks
     from vtprune.pruners.dymu import DyMU
 
     config = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -510,7 +510,7 @@ def llava_qwen2():
     """The tiny LLaVA with a Qwen2 decoder (biased q/k/v projections) instead of Llama: VTU's other family."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
 
-    from vtprune.testing import _finish, tiny_llava
+    from vtprune.integrations.tiny_models import _finish, tiny_llava
 
     llama, processor = tiny_llava(seed=4)
     text = llama.config.text_config

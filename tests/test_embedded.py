@@ -11,8 +11,8 @@ from PIL import Image
 
 import vtprune
 from vtprune.eval import synthetic
-from vtprune.harness import answer
-from vtprune.models import EMBEDDED_MODEL, embedded_model_available, embedded_model_path, load_embedded
+from vtprune.apps.harness import answer
+from vtprune.apps.models import EMBEDDED_MODEL, embedded_model_available, embedded_model_path, load_embedded
 
 # 100 records per question type, seed 1000 (the benchmark config's seed; training never used it). 20 per type were
 # too few for the per-type bar: the binomial standard error of 0.85 on 20 records is 0.08.
@@ -21,7 +21,7 @@ HELD_OUT = 600
 
 needs_embedded = pytest.mark.skipif(
     not embedded_model_available(),
-    reason="assets/vtprune-tiny-llava is missing from this build (train it with eval/train_embedded.py)",
+    reason="assets/vtprune-tiny-llava is missing from this build (train it with scripts/train_embedded.py)",
 )
 
 
@@ -151,17 +151,17 @@ def test_main_job_rejects_unknown_pruners_and_calibrating_on_the_scored_records(
     assert not any(tmp_path.iterdir())
 
 
-def _eval_module(name: str):
+def _script_module(name: str):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "eval" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def _training_module():
-    return _eval_module("train_embedded")
+    return _script_module("train_embedded")
 
 
 def test_training_questions_agree_with_the_benchmark():
@@ -181,7 +181,7 @@ def test_training_questions_agree_with_the_benchmark():
 
 
 def test_training_prompt_is_the_harness_prompt_tokenised_as_the_processor_does():
-    from vtprune.harness import build_prompt
+    from vtprune.apps.harness import build_prompt
 
     train = _training_module()
     model, processor = train.build(0)
@@ -474,14 +474,14 @@ def test_training_script_runs_end_to_end_and_saves_a_loadable_model(tmp_path):
     full, split = load_file(out / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
     assert full.keys() == split.keys() and all(torch.equal(full[k], split[k]) for k in full)
     assert again["held_out_accuracy"] == summary["held_out_accuracy"]
-    probe = _eval_module("probe_vit").main([str(tmp_path / "stage1"), "--train", "12", "--test", "6", "--steps", "2"])
+    probe = _script_module("probe_vit").main([str(tmp_path / "stage1"), "--train", "12", "--test", "6", "--steps", "2"])
     for fit in (probe["learnt"], probe["exact"]):
         assert 0 <= fit["accuracy"] <= 1 and set(fit["per_count"]) <= {"1", "2", "3", "4", "5", "6"}
     assert probe["exact"]["object_mass_error"] == 0  # the exact pattern is the target itself
 
 
 def test_vit_probe_counts_with_one_share_per_object_centre_against_a_sink():
-    probe, train = _eval_module("probe_vit"), _training_module()
+    probe, train = _script_module("probe_vit"), _training_module()
     image = Image.new("RGB", (336, 336), "white")
     objects = [
         {"shape": "circle", "colour": "red", "x": 42.0, "y": 42.0, "radius": 14.0},  # centre in patch (1, 1)

@@ -46,7 +46,7 @@ def test_multirun_sweep_and_report(tmp_path):
         seen.add((result["pruner"], result["budget"]))
     assert seen == {("fastervlm", "keep=64"), ("fastervlm", "keep=128"), ("divprune", "keep=64"), ("divprune", "keep=128")}
 
-    from vtprune.report import main as report
+    from vtprune.apps.report import main as report
 
     path = report([str(tmp_path / "sweep"), "--out", str(tmp_path / "report")])
     text = path.read_text()
@@ -74,7 +74,7 @@ def test_bad_config_values_fail_clearly(tmp_path, overrides, message):
 
 def test_keep_all_answers_exactly_like_the_unpruned_model(llava):
     from vtprune.eval.synthetic import generate
-    from vtprune.harness import evaluate
+    from vtprune.apps.harness import evaluate
 
     model, processor = llava
     records = generate(4, seed=5)
@@ -97,7 +97,7 @@ def test_the_default_model_is_the_embedded_one(tmp_path):
 
 
 def test_report_rejects_an_empty_folder(tmp_path):
-    from vtprune.report import main as report
+    from vtprune.apps.report import main as report
 
     with pytest.raises(SystemExit):
         report([str(tmp_path)])

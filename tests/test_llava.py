@@ -139,7 +139,7 @@ def test_fastervlm_keeps_topk_of_eager_cls_attention(llava, images):
 
 def test_attention_probe_matches_eager(llava, images):
     from vtprune.capture import capture_layers
-    from vtprune.integrations.clip_attention import ClipAttentionProbe
+    from vtprune.integrations.common.clip_attention import ClipAttentionProbe
 
     model, processor = llava
     pixel_values = make_inputs(processor, [PROMPTS[0]] * 2, images[:2])["pixel_values"]
@@ -343,7 +343,7 @@ def test_beam_search_returns_prompt_and_new_tokens(llava, batch):
 
 def test_bfloat16(images):
     from conftest import make_inputs as build
-    from vtprune.testing import tiny_llava
+    from vtprune.integrations.tiny_models import tiny_llava
 
     model, processor = tiny_llava(seed=1, vision_layers=4)
     model = model.to(torch.bfloat16)

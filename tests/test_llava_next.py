@@ -7,7 +7,7 @@ from conftest import make_inputs, mask_positions
 
 import vtprune
 from vtprune import BudgetError, ConfigError, UnsupportedModelError
-from vtprune.testing import random_images, tiny_llava_next
+from vtprune.integrations.tiny_models import random_images, tiny_llava_next
 
 SELECTORS = ["fastervlm", "divprune", "hiprune", "random", "pool"]
 DETERMINISTIC = ["fastervlm", "divprune", "hiprune", "visionzip", "pool"]

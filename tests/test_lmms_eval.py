@@ -1,4 +1,4 @@
-"""The lmms-eval plugin (`vtprune.lmms_eval_plugin`): argument parsing, registration, and end-to-end CLI runs.
+"""The lmms-eval plugin (`vtprune.integrations.lmms_eval`): argument parsing, registration, and end-to-end CLI runs.
 
 The CLI runs are fully offline: tiny random-weight models saved with `save_pretrained`, the synthetic benchmark
 exported to a local parquet file, a task folder passed with ``--include_path``. They check that lmms-eval writes
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from vtprune import ConfigError
-from vtprune.lmms_eval_check import KNOWN_BREAKS, LmmsEvalBrokenError, check_lmms_eval, explain_failure
-from vtprune.lmms_eval_plugin import MODELS, PruneSettings, pop_vtprune_args
+from vtprune.integrations.lmms_eval.check import KNOWN_BREAKS, LmmsEvalBrokenError, check_lmms_eval, explain_failure
+from vtprune.integrations.lmms_eval import MODELS, PruneSettings, pop_vtprune_args
 
 RECORDS = 12
 TASK = "vtprune_synthetic_e2e"
@@ -51,7 +51,7 @@ import io
 from PIL import Image
 
 from vtprune.eval.synthetic import is_correct
-from vtprune.harness import ANSWER_HINT
+from vtprune.apps.harness import ANSWER_HINT
 
 
 def doc_to_visual(doc):
@@ -120,7 +120,7 @@ def test_pop_vtprune_args_errors_before_any_model_is_loaded(kwargs, message):
 
 
 def test_plugin_import_needs_no_lmms_eval():
-    code = "import sys, vtprune.lmms_eval_plugin as p; p.manifests; assert not [m for m in sys.modules if m.startswith('lmms_eval')]"
+    code = "import sys, vtprune.integrations.lmms_eval as p; p.manifests; assert not [m for m in sys.modules if m.startswith('lmms_eval')]"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
@@ -185,7 +185,7 @@ def test_explain_failure_blames_the_deepest_third_party_frame():
 
 def test_check_lmms_eval_reports_a_broken_evaluator(monkeypatch, tmp_path):
     """The check turns any evaluator failure into LmmsEvalBrokenError with the diagnosis (chained to the cause)."""
-    import vtprune.lmms_eval_check as check
+    import vtprune.integrations.lmms_eval.check as check
 
     def broken(folder):
         raise ModuleNotFoundError("No module named 'filelock._api'", name="filelock._api")
@@ -207,14 +207,14 @@ def test_entry_point_registers_the_models():
 
     points = [ep for ep in entry_points().select(group="lmms_eval.models") if ep.name == "vtprune"]
     assert points, "entry point missing: reinstall vtprune (pip install -e .) after editing pyproject.toml"
-    assert points[0].value == "vtprune.lmms_eval_plugin:manifests"
+    assert points[0].value == "vtprune.integrations.lmms_eval:manifests"
     registry = ModelRegistryV2()
     registry.load_entrypoint_manifests()
     for model_id, (simple, chat) in MODELS.items():
         manifest = registry.get_manifest(model_id)
         assert isinstance(manifest, ModelManifest)
-        assert manifest.simple_class_path == f"vtprune.lmms_eval_plugin.{simple}"
-        assert manifest.chat_class_path == (f"vtprune.lmms_eval_plugin.{chat}" if chat else None)
+        assert manifest.simple_class_path == f"vtprune.integrations.lmms_eval.{simple}"
+        assert manifest.chat_class_path == (f"vtprune.integrations.lmms_eval.{chat}" if chat else None)
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -225,7 +225,7 @@ def workspace(tmp_path_factory):
     from transformers import AutoProcessor
     from vtprune.eval.synthetic import generate, to_parquet
 
-    from vtprune.testing import tiny_llava, tiny_qwen_vl
+    from vtprune.integrations.tiny_models import tiny_llava, tiny_qwen_vl
 
     root = tmp_path_factory.mktemp("lmms_eval")
     models = {}

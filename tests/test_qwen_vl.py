@@ -5,7 +5,7 @@ import torch
 from conftest import make_inputs
 
 import vtprune
-from vtprune.testing import random_images, tiny_qwen_vl
+from vtprune.integrations.tiny_models import random_images, tiny_qwen_vl
 
 V = "<|vision_start|><|image_pad|><|vision_end|>"
 

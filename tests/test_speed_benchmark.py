@@ -1,25 +1,20 @@
-"""The speed benchmark (eval/speed.py) runs end to end on tiny settings and writes complete, valid results.
+"""The speed benchmark (vtprune.eval.speed) runs end to end on tiny settings and writes complete, valid results.
 
 Nothing here checks a timing against a threshold: speed targets are measured by the benchmark, never by a test.
 """
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
 import vtprune
 
-SPEED = Path(__file__).resolve().parents[1] / "eval" / "speed.py"
-
 
 @pytest.fixture(scope="module")
 def speed():
-    spec = importlib.util.spec_from_file_location("vtprune_eval_speed", SPEED)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    import vtprune.eval.speed as module
+
     return module
 
 

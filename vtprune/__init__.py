@@ -8,6 +8,7 @@
     handle.remove()
 """
 
+from . import _moved
 from . import pruners  # noqa: F401  (registers the built-in pruners)
 from .api import apply, remove
 from .calibration import calibrate
@@ -20,7 +21,14 @@ from .errors import (
     UnsupportedModelError,
     VTPruneError,
 )
-from .integration import Integration, VLMIntegration, register_integration, supported_model_classes
+from .integration import (
+    EncoderMerging,
+    Integration,
+    VLMEncoderMerging,
+    VLMIntegration,
+    register_integration,
+    supported_model_classes,
+)
 from .overlay import visualize
 from .patching import PruneHandle
 from .pruners.base import Pruner
@@ -30,6 +38,8 @@ from .tokens import CLS_INDEX, EncoderInfo, ImageStats, Reduction, TensorProbe, 
 
 __version__ = "0.1.0"
 
+_moved.install()
+
 __all__ = [
     "AlreadyPatchedError",
     "Budget",
@@ -38,6 +48,7 @@ __all__ = [
     "ConfigError",
     "DyMUThresholds",
     "EncoderInfo",
+    "EncoderMerging",
     "ImageStats",
     "Integration",
     "MissingCLSError",
@@ -47,6 +58,7 @@ __all__ = [
     "TensorProbe",
     "UnsupportedModelError",
     "VTPruneError",
+    "VLMEncoderMerging",
     "VLMIntegration",
     "VisualTokens",
     "apply",

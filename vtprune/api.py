@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from .errors import AlreadyPatchedError, ConfigError, UnsupportedModelError
-from .integration import find_integration
+from .integration import encoder_merging_refusal, find_integration
 from .patching import HANDLE_ATTRIBUTE, PruneHandle
 from .pruners.base import Pruner
 from .registry import create_pruner
@@ -58,7 +58,7 @@ def apply(
         raise ConfigError(f"pruner must be a registered name or a Pruner object, got {type(pruner).__name__}")
     merging = pruner.kind == "encoder_merging"
     if merging:
-        reason = integration_cls.encoder_merging_unsupported
+        reason = encoder_merging_refusal(integration_cls)
         if reason:
             raise UnsupportedModelError(
                 f"{pruner.name or type(pruner).__name__} merges tokens inside the vision encoder, which vtprune does "

@@ -1,28 +1,23 @@
-"""`vtprune.calibrate`: training-free threshold finding for in-encoder merging methods (DyMU, arXiv 2504.17040),
-and the ``vtprune-calibrate`` command.
+"""`vtprune.calibrate`: training-free threshold finding for in-encoder merging methods (DyMU, arXiv 2504.17040).
 
     thresholds = vtprune.calibrate(model, "dymu", images, processor=processor, preset="mid")
     thresholds.save("dymu-mid.json")
     vtprune.apply(model, "dymu", thresholds="dymu-mid.json")
 
-    vtprune-calibrate IMAGE_FOLDER --model llava-hf/llava-1.5-7b-hf --preset mid --out dymu-mid.json
+The ``vtprune-calibrate`` command (`vtprune.apps.calibrate`) runs it on a folder of images.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from .errors import ConfigError, UnsupportedModelError, VTPruneError
-from .integration import find_integration
+from .errors import ConfigError, UnsupportedModelError
+from .integration import encoder_merging_refusal, find_integration
 from .pruners.dymu import PRESETS, DyMUCalibrator, DyMUThresholds, keep_targets, preset_targets
 
 CALIBRATED_METHODS = ("dymu",)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
 def _batches(images: Iterable[Any], size: int) -> Iterable[list]:
@@ -79,7 +74,7 @@ def calibrate(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     integration_cls = find_integration(model)
-    reason = integration_cls.encoder_merging_unsupported
+    reason = encoder_merging_refusal(integration_cls)
     if reason:
         raise UnsupportedModelError(
             f"{method} merges tokens inside the vision encoder, which vtprune does not support for "
@@ -125,7 +120,7 @@ def calibrate_encoder(
 
     Args:
         run_batch: ``run_batch(batch, calibrator)`` runs the encoder's `blocks` merging blocks on one batch with
-            `calibrator` merging in them (e.g. via `vtprune.integrations.encoder_merging.run_merging_blocks`).
+            `calibrator` merging in them (e.g. via `vtprune.integrations.common.encoder_merging.run_merging_blocks`).
         batches: the calibration batches (each threshold is found per batch and averaged over them).
         blocks, tokens: merging blocks that run, and tokens per image before merging.
         method, preset, targets, keep, progress: as in `calibrate`.
@@ -175,59 +170,3 @@ def calibrate_encoder(
         "images": seen,
     }
     return calibrator.thresholds(meta)
-
-
-def _folder_images(folder: Path, limit: int | None):
-    from PIL import Image
-
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {str(folder)!r} does not exist")
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if limit:
-        paths = paths[:limit]
-    if not paths:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {str(folder)!r}")
-    for path in paths:
-        with Image.open(path) as image:
-            yield image.convert("RGB")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``vtprune-calibrate FOLDER --model NAME_OR_PATH --preset mid --out thresholds.json``."""
-    parser = argparse.ArgumentParser(prog="vtprune-calibrate", description="Calibrate DyMU thresholds on a folder of images.")
-    parser.add_argument("folder", type=Path, help="folder of images (searched recursively)")
-    parser.add_argument("--model", required=True, help="Hub id or save_pretrained folder, or tiny:<family> (tiny:llava, tiny:llava_next)")
-    parser.add_argument("--preset", default="mid", choices=sorted(PRESETS))
-    parser.add_argument("--targets", default=None, help="comma-separated merges per block (replaces --preset)")
-    parser.add_argument("--keep", type=int, default=None, help="tokens an average image keeps (replaces --preset)")
-    parser.add_argument("--out", type=Path, required=True, help="where to write the thresholds JSON")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--limit", type=int, default=None, help="use at most this many images")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
-    try:
-        from .models import load_model
-
-        if args.model.startswith("tiny:"):
-            spec = {"source": "tiny", "family": args.model[len("tiny:") :], "dtype": args.dtype, "device": args.device}
-        elif Path(args.model).is_dir():
-            spec = {"source": "path", "path": args.model, "dtype": args.dtype, "device": args.device}
-        else:
-            spec = {"source": "hub", "name": args.model, "dtype": args.dtype, "device": args.device}
-        targets = [int(t) for t in args.targets.split(",")] if args.targets else None
-        images = list(_folder_images(args.folder, args.limit))
-        model, processor = load_model(spec)
-        thresholds = calibrate(model, "dymu", images, processor=processor, preset=args.preset, targets=targets,
-                               keep=args.keep, batch_size=args.batch_size)
-        path = thresholds.save(args.out)
-    except (VTPruneError, FileNotFoundError, ValueError) as error:
-        print(f"vtprune-calibrate: error: {error}", file=sys.stderr)
-        return 2
-    schedule = f"preset {args.preset}" if thresholds.meta["preset"] else f"keep {args.keep}" if args.keep is not None else "given targets"
-    print(f"wrote {len(thresholds)} thresholds ({thresholds.meta['images']} images, {schedule}) to {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,8 +1,11 @@
-"""Base class and registry of model-family integrations, and the per-image reduction loop they share.
+"""The contract a model family implements, the registry `vtprune.apply` searches, and the per-image reduction
+loop every family shares.
 
 An integration knows one model family (where its vision encoder, projector and placeholders are); it knows
 nothing about any particular pruner: it builds `VisualTokens`, calls `pruner.reduce`, and splices the result
-into the LLM input (see `vtprune.patching`).
+into the LLM input (see `vtprune.patching`). The library names no family: the built-in ones (the
+``vtprune.integrations`` package) and any third-party package register theirs under the entry-point group
+`ENTRY_POINT_GROUP`, loaded on the first look-up; `register_integration` adds one at run time.
 """
 
 from __future__ import annotations
@@ -10,15 +13,21 @@ from __future__ import annotations
 import abc
 import time
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
 from .errors import ConfigError, UnsupportedModelError
+from .patching import VLMSplice
 from .pruners.base import Pruner
 from .tokens import AttentionProbe, EncoderInfo, ImageStats, Reduction, VisualTokens
 
+ENTRY_POINT_GROUP = "vtprune.integrations"
+"""Entry points of this group name `Integration` classes (``name = "package.module:Class"``)."""
+
 _INTEGRATIONS: list[type["Integration"]] = []
+_entry_points_loaded = False
 
 
 def register_integration(cls: type["Integration"]) -> type["Integration"]:
@@ -28,20 +37,36 @@ def register_integration(cls: type["Integration"]) -> type["Integration"]:
     return cls
 
 
-def _load_builtin_integrations() -> None:
-    from . import integrations  # noqa: F401  (importing registers the built-in families)
+def _load_entry_points() -> None:
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    for point in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda point: point.name):
+        try:
+            cls = point.load()
+        except Exception as error:
+            raise ImportError(f"the model family {point.name!r} ({point.value}) failed to import: {error}") from error
+        if not (isinstance(cls, type) and issubclass(cls, Integration)):
+            raise TypeError(f"entry point {point.name!r} of {ENTRY_POINT_GROUP!r} names {point.value}, not an Integration")
+        register_integration(cls)
+    _entry_points_loaded = True
 
 
 def supported_model_classes() -> list[str]:
-    _load_builtin_integrations()
+    _load_entry_points()
     return sorted(name for cls in _INTEGRATIONS for name in cls.model_classes)
 
 
 def find_integration(model: Any) -> type["Integration"]:
-    _load_builtin_integrations()
+    _load_entry_points()
     for cls in _INTEGRATIONS:
         if cls.matches(model):
             return cls
+    if not _INTEGRATIONS:
+        raise UnsupportedModelError(
+            f"no model family is registered (entry-point group {ENTRY_POINT_GROUP!r} is empty): install vtprune "
+            "with pip (pip install -e . in a clone) so that its integrations are registered"
+        )
     raise UnsupportedModelError(
         f"vtprune has no integration for {type(model).__name__}; supported model classes: "
         f"{', '.join(supported_model_classes())}"
@@ -185,25 +210,9 @@ class Integration(abc.ABC):
     def install(self, handle: Any) -> None:
         """Patch `self.model` (through ``handle.set_attribute``) so that its calls are pruned."""
 
-    # ------------------------------------------------------------------ in-encoder merging (e.g. DyMU)
-    encoder_merging_unsupported: ClassVar[str | None] = "this model family has no in-encoder merging support yet"
-    """None when the family runs `EncoderMerger` methods (vtprune.merging), else why it cannot (for the error)."""
-
-    def validate_merging(self) -> None:
-        """Apply-time checks for an in-encoder merging method (replaces `validate`, which checks budgets)."""
-
-    def merging_geometry(self) -> tuple[int, int]:
-        """``(blocks, tokens)``: encoder blocks that run before the features are taken, and visual tokens per
-        image (per crop) before merging."""
-        raise NotImplementedError
-
-    def calibration_pixels(self, images: Sequence[Any], processor: Any) -> torch.Tensor:
-        """Encoder input for a list of images (crops flattened), for `vtprune.calibrate`."""
-        raise NotImplementedError
-
-    def run_merging(self, pixel_values: torch.Tensor, merger: Any) -> tuple[Any, list[torch.Tensor]]:
-        """Run the vision encoder on `pixel_values` with `merger`; the final `MergeState` and per-block counts."""
-        raise NotImplementedError
+    encoder_merging_unsupported: ClassVar[str] = "this model family has no in-encoder merging support yet"
+    """Why the family cannot run in-encoder merging methods (the error's reason) unless it implements
+    `EncoderMerging`."""
 
     def check_budget(self, grid: tuple[int, int]) -> None:
         """Fail at apply time, not at the first forward, when every image (a fixed `grid` of tokens) would fail."""
@@ -227,8 +236,6 @@ class VLMIntegration(Integration):
     """Per-token ``[B, L]`` keyword arguments shortened along with the sequence, and their padding value."""
 
     def install(self, handle: Any) -> None:
-        from .patching import VLMSplice
-
         VLMSplice(handle, self).install()
 
     def has_visual_input(self, inputs: dict) -> bool:
@@ -237,11 +244,6 @@ class VLMIntegration(Integration):
     @abc.abstractmethod
     def encode(self, inputs: dict) -> EncodedImages:
         """Run the vision encoder on the visual inputs of one call and reduce every image."""
-
-    def encode_merged(self, inputs: dict) -> EncodedImages:
-        """Run the vision encoder with the in-encoder merging method (`vtprune.merging.EncoderMerger`) of this
-        integration and return every image's merged tokens (families with `encoder_merging_unsupported` None)."""
-        raise NotImplementedError(f"{type(self).__name__} does not run in-encoder merging methods")
 
     @abc.abstractmethod
     def placeholder_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -274,3 +276,39 @@ class VLMIntegration(Integration):
             if pad is not None:
                 return int(pad)
         return 0
+
+
+class EncoderMerging(abc.ABC):
+    """The capability to run an in-encoder merging method (`vtprune.merging.EncoderMerger`, e.g. DyMU): a family
+    opts in by also subclassing this (VLM families: `VLMEncoderMerging`); `vtprune.apply` and `vtprune.calibrate`
+    refuse merging methods on the others with their `Integration.encoder_merging_unsupported` reason."""
+
+    def validate_merging(self) -> None:
+        """Apply-time checks for an in-encoder merging method (replaces `Integration.validate`, which checks
+        budgets)."""
+
+    @abc.abstractmethod
+    def merging_geometry(self) -> tuple[int, int]:
+        """``(blocks, tokens)``: encoder blocks that run before the features are taken, and visual tokens per
+        image (per crop) before merging."""
+
+    @abc.abstractmethod
+    def calibration_pixels(self, images: Sequence[Any], processor: Any) -> torch.Tensor:
+        """Encoder input for a list of images (crops flattened), for `vtprune.calibrate`."""
+
+    @abc.abstractmethod
+    def run_merging(self, pixel_values: torch.Tensor, merger: Any) -> tuple[Any, list[torch.Tensor]]:
+        """Run the vision encoder on `pixel_values` with `merger`; the final `MergeState` and per-block counts."""
+
+
+class VLMEncoderMerging(EncoderMerging):
+    """`EncoderMerging` for a `VLMIntegration`: the splice encodes with `encode_merged` instead of `encode`."""
+
+    @abc.abstractmethod
+    def encode_merged(self, inputs: dict) -> EncodedImages:
+        """Run the vision encoder with the merging method and return every image's merged tokens."""
+
+
+def encoder_merging_refusal(integration_cls: type[Integration]) -> str | None:
+    """None when the family runs in-encoder merging methods, else the reason it cannot."""
+    return None if issubclass(integration_cls, EncoderMerging) else integration_cls.encoder_merging_unsupported

@@ -15,14 +15,16 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .integration import Integration, VLMIntegration
 from .pruners.base import Pruner
 from .sequence import PrunedSequence, compress, find_image_slots
 from .tokens import ImageStats
+
+if TYPE_CHECKING:  # the integration base installs these patches; they only call its methods
+    from .integration import Integration, VLMIntegration
 
 HANDLE_ATTRIBUTE = "_vtprune_handle"
 

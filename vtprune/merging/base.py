@@ -3,8 +3,8 @@
 Unlike a `vtprune.Pruner`, which reduces the encoder's finished output, an encoder merger is called by the
 integration after the attention of every encoder block it runs (`merge`), so the remaining blocks, and the LLM,
 see fewer tokens; the token count varies per image. The integration side (which knows the model) lives in
-``integrations/encoder_merging.py`` (running blocks with merging and proportional attention) and
-``integrations/virtual_unmerging.py`` (the LLM attention patch for `virtual_unmerging`).
+``integrations/common/encoder_merging.py`` (running blocks with merging and proportional attention) and
+``integrations/common/virtual_unmerging.py`` (the LLM attention patch for `virtual_unmerging`).
 """
 
 from __future__ import annotations

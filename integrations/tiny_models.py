@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["byte_level_tokenizer", "tiny_llava", "random_images", "LLAVA_CHAT_TEMPLATE"]
+__all__ = ["LLAVA_CHAT_TEMPLATE", "TINY_BUILDERS", "byte_level_tokenizer", "random_images", "tiny_llava", "tiny_llava_next", "tiny_qwen_vl"]
 
 LLAVA_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -340,3 +340,13 @@ def tiny_llava_next(
         num_additional_image_tokens=1,
     )
     return model, processor
+
+
+TINY_BUILDERS = {
+    "llava": lambda seed: tiny_llava(seed=seed),
+    "llava_next": lambda seed: tiny_llava_next(seed=seed),
+    "qwen2_vl": lambda seed: tiny_qwen_vl("2", seed=seed),
+    "qwen2_5_vl": lambda seed: tiny_qwen_vl("2.5", seed=seed),
+}
+"""Family name (``model.family`` of the tiny model configs, ``tiny:<family>`` of vtprune-calibrate) -> ``seed ->
+(model, processor)``."""

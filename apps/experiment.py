@@ -5,7 +5,7 @@
     vtprune model=llava-1.5-7b pruner=fastervlm pruner.keep=64      # Hub checkpoint, GPU
     vtprune-report multirun/<date>/<time>                           # markdown table and plots
 
-Each job writes ``results.json`` into its Hydra output folder (see `vtprune.harness.evaluate` for the fields).
+Each job writes ``results.json`` into its Hydra output folder (see `vtprune.apps.harness.evaluate` for the fields).
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import VTPruneError
+from vtprune.errors import VTPruneError
 
 BUDGET_KEYS = ("name", "keep", "ratio", "positions")
 
 
 def load_benchmark(spec: dict) -> list:
-    from .eval import synthetic
+    from vtprune.eval import synthetic
 
     kind = spec.get("kind")
     if kind == "synthetic":
@@ -43,8 +43,8 @@ def load_benchmark(spec: dict) -> list:
 
 def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     """Run one job and write ``results.json`` into `output_dir`."""
-    from .harness import evaluate
-    from .models import load_model
+    from vtprune.apps.harness import evaluate
+    from vtprune.apps.models import load_model
 
     model_spec = OmegaConf.to_container(cfg.model, resolve=True)
     pruner_spec = OmegaConf.to_container(cfg.pruner, resolve=True)
@@ -52,7 +52,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     name = pruner_spec.get("name", "none")
     options = {k: v for k, v in pruner_spec.items() if k not in BUDGET_KEYS}
     if name != "none":  # validate the pruner settings before loading anything heavy
-        from .registry import create_pruner
+        from vtprune.registry import create_pruner
 
         create_pruner(name, keep=pruner_spec.get("keep"), ratio=pruner_spec.get("ratio"), **options)
     records = load_benchmark(benchmark_spec)

@@ -8,7 +8,7 @@ involved, and how to install the versions CI last passed with (``constraints.txt
 
 From a shell::
 
-    python -m vtprune.lmms_eval_check      # prints the versions and "ok", or the diagnosis (exit status 1)
+    python -m vtprune.integrations.lmms_eval.check      # prints the versions and "ok", or the diagnosis (exit status 1)
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .errors import VTPruneError
+from vtprune.errors import VTPruneError
 
 __all__ = ["KNOWN_BREAKS", "LmmsEvalBrokenError", "check_lmms_eval", "explain_failure", "installed_versions"]
 
@@ -188,7 +188,7 @@ def _evaluate_stub(folder: Path) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m vtprune.lmms_eval_check", description="Check that the installed lmms-eval runs its evaluator."
+        prog="python -m vtprune.integrations.lmms_eval.check", description="Check that the installed lmms-eval runs its evaluator."
     )
     parser.parse_args(argv)
     try:

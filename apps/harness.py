@@ -1,7 +1,7 @@
 """The evaluation harness: one (model, pruner, budget, benchmark) scored on accuracy, agreement with the unpruned
 model ("loyalty"), visual tokens, prefill FLOPs, latency, peak memory and selection time, side by side.
 
-    from vtprune.harness import evaluate
+    from vtprune.apps.harness import evaluate
     results = evaluate(model, processor, records, pruner="fastervlm", keep=64)
 
 `records` are `vtprune.eval.synthetic.Record`-like objects (``image``, ``question``, ``answer``, ``type``).
@@ -21,8 +21,8 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm import tqdm
 
-from .api import apply
-from .flops import CONVENTION, llm_geometry, prefill_flops
+from vtprune.api import apply
+from vtprune.flops import CONVENTION, llm_geometry, prefill_flops
 
 ANSWER_HINT = "Answer with one word or number."
 
@@ -154,7 +154,7 @@ def evaluate(
     Returns a JSON-ready dict; see the module docstring for how each number is measured.
     """
     if score is None:
-        from .eval.synthetic import is_correct as score
+        from vtprune.eval.synthetic import is_correct as score
     if not records:
         raise ValueError("the benchmark has no records")
     device = _device(model)

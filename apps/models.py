@@ -7,14 +7,10 @@ from typing import Any, Mapping
 
 import torch
 
-from .errors import ConfigError
+from vtprune.errors import ConfigError
 
-TINY_BUILDERS = {
-    "llava": lambda seed: __import__("vtprune.testing", fromlist=["tiny_llava"]).tiny_llava(seed=seed),
-    "llava_next": lambda seed: __import__("vtprune.testing", fromlist=["tiny_llava_next"]).tiny_llava_next(seed=seed),
-    "qwen2_vl": lambda seed: __import__("vtprune.testing", fromlist=["tiny_qwen_vl"]).tiny_qwen_vl("2", seed=seed),
-    "qwen2_5_vl": lambda seed: __import__("vtprune.testing", fromlist=["tiny_qwen_vl"]).tiny_qwen_vl("2.5", seed=seed),
-}
+from vtprune.integrations.tiny_models import TINY_BUILDERS
+
 SOURCES = ("embedded", "tiny", "hub", "path")
 EMBEDDED_MODEL = "vtprune-tiny-llava"
 
@@ -30,7 +26,7 @@ def embedded_model_path() -> Path:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"no embedded model in {path}: this build of vtprune does not ship it yet (issue 6); train one with "
-            "`python eval/train_embedded.py --out assets/vtprune-tiny-llava`, or use model=tiny_llava"
+            "`python scripts/train_embedded.py --out assets/vtprune-tiny-llava`, or use model=tiny_llava"
         )
     return path
 
@@ -48,7 +44,7 @@ def load_embedded(dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """``(model, processor)``: vtprune's small trained LLaVA-1.5-style model (see assets/README.md).
 
     A `LlavaForConditionalGeneration` (CLIP-style ViT with CLS, 336 px / 28 px patches = 144 visual tokens, Llama
-    decoder) trained on `vtprune.eval.synthetic` by `eval/train_embedded.py`, loaded with `from_pretrained`. It is
+    decoder) trained on `vtprune.eval.synthetic` by `scripts/train_embedded.py`, loaded with `from_pretrained`. It is
     stored in float16 and upcast to `dtype`.
     """
     from transformers import AutoProcessor, LlavaForConditionalGeneration

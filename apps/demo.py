@@ -1,16 +1,16 @@
 """The main job: every pruner at three budgets, scored on the synthetic benchmark.
 
-    python -m vtprune.demo                           # or `make demo` / `vtprune-demo`; writes vtprune-demo/
-    python -m vtprune.demo --size 60 --pruners fastervlm random --budgets 36 18 --out /tmp/demo
+    python -m vtprune.apps.demo                           # or `make demo` / `vtprune-demo`; writes vtprune-demo/
+    python -m vtprune.apps.demo --size 60 --pruners fastervlm random --budgets 36 18 --out /tmp/demo
 
-`--model embedded` runs vtprune's small trained VLM (`vtprune.models.load_embedded`, trained by
-`eval/train_embedded.py`; 144 visual tokens per image), which answers the benchmark for real; `--model auto` (the
-default) picks it when the build ships it, else the random-weight tiny LLaVA-1.5 of `vtprune.testing` (`--model
+`--model embedded` runs vtprune's small trained VLM (`vtprune.apps.models.load_embedded`, trained by
+`scripts/train_embedded.py`; 144 visual tokens per image), which answers the benchmark for real; `--model auto` (the
+default) picks it when the build ships it, else the random-weight tiny LLaVA-1.5 of `vtprune.integrations.tiny_models` (`--model
 tiny`: the pipeline is the same, the accuracies are meaningless). The records are the held-out seed 1000, and the
 default budgets are 25%, 12.5% and 6% of the model's visual tokens.
 
 The unpruned model is measured once. Each (pruner, budget) is then scored on the same records with the
-harness (`vtprune.harness.evaluate`). DyMU, which has no fixed budget, is calibrated once per budget
+harness (`vtprune.apps.harness.evaluate`). DyMU, which has no fixed budget, is calibrated once per budget
 (`vtprune.calibrate(..., keep=budget)`) on `--calibration-size` images of another seed, so that an average
 calibration image keeps that many tokens; on the held-out records its count varies per image around it (the
 table shows the mean). The job prints a table (accuracy, % of unpruned, visual tokens, prefill speed-up, ...)
@@ -51,9 +51,9 @@ def _montage(original, panels: list[tuple[str, object]], out: Path) -> Path:
 
 def write_overlays(model, processor, records, pruners: dict[str, object], folder: Path) -> list[Path]:
     """One overlay per (record, pruner) for each named pruner object, and one montage per record."""
-    from . import apply
-    from .harness import make_inputs
-    from .overlay import visualize
+    from vtprune import apply
+    from vtprune.apps.harness import make_inputs
+    from vtprune.overlay import visualize
 
     folder.mkdir(parents=True, exist_ok=True)
     inputs = make_inputs(model, processor, records)
@@ -76,12 +76,12 @@ def write_overlays(model, processor, records, pruners: dict[str, object], folder
 def main(argv: list[str] | None = None) -> dict:
     import vtprune
 
-    from .calibration import calibrate
-    from .eval.synthetic import generate
-    from .harness import evaluate
-    from .models import embedded_model_available, load_embedded
-    from .registry import get_pruner_class
-    from .report import plots, table
+    from vtprune.calibration import calibrate
+    from vtprune.eval.synthetic import generate
+    from vtprune.apps.harness import evaluate
+    from vtprune.apps.models import embedded_model_available, load_embedded
+    from vtprune.registry import get_pruner_class
+    from vtprune.apps.report import plots, table
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("auto", "embedded", "tiny"), default="auto",
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     if model_name == "embedded":
         model, processor = load_embedded()
     else:
-        from .testing import tiny_llava
+        from vtprune.integrations.tiny_models import tiny_llava
 
         model, processor = tiny_llava()
     tokens = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2

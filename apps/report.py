@@ -1,7 +1,7 @@
 """`vtprune-report DIR`: a markdown table and plots from every ``results.json`` under a sweep folder.
 
     vtprune-report multirun/2026-11-24/10-00-00            # writes report.md, accuracy.png, latency.png there
-    python -m vtprune.report multirun/... --out reports/
+    python -m vtprune.apps.report multirun/... --out reports/
 """
 
 from __future__ import annotations

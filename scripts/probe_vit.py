@@ -1,7 +1,7 @@
 """Can a decoder count from a stage-1 ViT's patch features? A 2-minute check before a 65-minute stage 2.
 
-    python eval/probe_vit.py /tmp/stage1                  # a --save-vision folder of eval/train_embedded.py
-    python eval/probe_vit.py /tmp/stage1 --train 3000 --test 600 --steps 4000
+    python scripts/probe_vit.py /tmp/stage1                  # a --save-vision folder of scripts/train_embedded.py
+    python scripts/probe_vit.py /tmp/stage1 --train 3000 --test 600 --steps 4000
 
 Counting by attention needs one unit of attention per object: the head puts one share on each asked object's
 centre patch and `COUNT_SINK` shares on a sink, so the mass on the objects, n / (n + COUNT_SINK), names n (stage 2

@@ -1,13 +1,13 @@
 """Train vtprune's embedded VLM: a small LLaVA-1.5-style model that answers the synthetic benchmark.
 
-    python eval/train_embedded.py --out assets/vtprune-tiny-llava        # both stages, about 2 hours on 2 CPU cores
-    python eval/train_embedded.py --out /tmp/stage1 --save-vision /tmp/stage1 --language-steps 0   # stage 1 only
-    python eval/train_embedded.py --out /tmp/model --init-vision /tmp/stage1 --vision-steps 0      # stage 2 only
-    python eval/train_embedded.py --out /tmp/smoke --vision-steps 20 --language-steps 20 --scenes 64 --eval-size 12
+    python scripts/train_embedded.py --out assets/vtprune-tiny-llava        # both stages, about 2 hours on 2 CPU cores
+    python scripts/train_embedded.py --out /tmp/stage1 --save-vision /tmp/stage1 --language-steps 0   # stage 1 only
+    python scripts/train_embedded.py --out /tmp/model --init-vision /tmp/stage1 --vision-steps 0      # stage 2 only
+    python scripts/train_embedded.py --out /tmp/smoke --vision-steps 20 --language-steps 20 --scenes 64 --eval-size 12
 
 The model is a real `LlavaForConditionalGeneration`: a CLIP-style ViT with a CLS token (336 px, the benchmark's
 size, in 28 px patches, so 12 x 12 = 144 patch tokens; `vision_feature_layer=-2`, CLS dropped as in LLaVA-1.5),
-a two-layer GELU projector and a Llama-style decoder, with the byte-level tokenizer of `vtprune.testing` (merge
+a two-layer GELU projector and a Llama-style decoder, with the byte-level tokenizer of `vtprune.integrations.tiny_models` (merge
 rules for the benchmark's words) and the LLaVA chat template. Everything is reproducible from `--seed` (data,
 initialisation and batch order), bit for bit on one machine and torch build. Stage 2 trains on the ViT rounded to
 float16, so the two stage-only commands give the same weights as the full run.
@@ -29,7 +29,7 @@ Two stages, as LLaVA does it, adapted to training from scratch:
 2. **Visual instruction tuning.** The ViT is frozen (as LLaVA's stage 2 does with a pretrained CLIP, and so its
    CLS attention keeps its meaning); its features of `--scenes` benchmark scenes are computed once. Projector and
    decoder learn to answer in multi-turn conversations about one image (`conversation`): the record's own
-   question first, in exactly the harness's prompt (`vtprune.harness.build_prompt`), then further questions
+   question first, in exactly the harness's prompt (`vtprune.apps.harness.build_prompt`), then further questions
    derived from the scene's objects (`scene_questions`); the loss covers the answers only. The circuit that
    answers is supervised step by step (`--guidance`): the input of decoder layer `--guidance-layer` must name the
    question's type and the shape and colour it asks about (`QuestionHeads.parse_loss`); that layer's heads, one per
@@ -81,7 +81,7 @@ TRAIN_SEED_OFFSET = 10_000  # training data uses seeds seed + TRAIN_SEED_OFFSET 
 # The count head's attention target gives the sink the weight of this many objects, so the mass it puts on the objects'
 # centres, n / (n + COUNT_SINK), tells the count (6 separates 5 objects from 6 best). Read out of the frozen attempt-5
 # ViT's features pooled this way, it names the count of 97% of held-out questions, against 72% for the mean over the
-# objects' patches of attempts 1-5 (`eval/probe_vit.py`, assets/README).
+# objects' patches of attempts 1-5 (`scripts/probe_vit.py`, assets/README).
 COUNT_SINK = 6.0
 # Question types whose head must match its target pattern exactly (`guidance_targets`); the others need only put their
 # mass on it.
@@ -91,7 +91,7 @@ CENTRE_WEIGHT = 20  # stage 1: 5 in attempt 5; counting by attention needs the o
 
 def benchmark_texts() -> list[str]:
     """Every question and answer wording of `vtprune.eval.synthetic`, with the harness's prompt words."""
-    from vtprune.harness import ANSWER_HINT
+    from vtprune.apps.harness import ANSWER_HINT
 
     colours, shapes = list(synthetic.COLOURS), list(synthetic.SHAPES)
     texts = ["USER: \n", f"{ANSWER_HINT} ASSISTANT:", "What character is written in the white box?"]
@@ -109,7 +109,7 @@ def build(seed: int):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-    from vtprune.testing import LLAVA_CHAT_TEMPLATE, byte_level_tokenizer
+    from vtprune.integrations.tiny_models import LLAVA_CHAT_TEMPLATE, byte_level_tokenizer
 
     tokenizer = byte_level_tokenizer(["<image>"], chat_template=LLAVA_CHAT_TEMPLATE)
     # Merge rules for the benchmark's words: ~25 text tokens per prompt instead of ~85 bytes (any text still
@@ -478,8 +478,8 @@ def conversation(record: synthetic.Record, rng: random.Random, turns: int) -> li
 
 def encode_conversation(processor, chat: list[tuple[str, str]], image_tokens: int) -> tuple[list[int], list[int]]:
     """Token ids and labels (answers and their end of turn only) of a multi-turn chat about one image; the first
-    turn is the harness's prompt (`vtprune.harness.build_prompt`) with the image expanded as the processor does."""
-    from vtprune.harness import ANSWER_HINT, build_prompt
+    turn is the harness's prompt (`vtprune.apps.harness.build_prompt`) with the image expanded as the processor does."""
+    from vtprune.apps.harness import ANSWER_HINT, build_prompt
 
     tokenizer = processor.tokenizer
     ids: list[int] = []
@@ -548,7 +548,7 @@ def guidance_pattern(record: synthetic.Record, kind: str, question: str) -> torc
 
 def count_pattern(centres: torch.Tensor) -> torch.Tensor:
     """``(questions, 1 + GRID * GRID)`` from ``(questions, GRID * GRID)`` centre indicators: COUNT_SINK shares on the
-    sink, one on each centre, normalised (the count branch of `guidance_pattern`, batched for `eval/probe_vit.py`)."""
+    sink, one on each centre, normalised (the count branch of `guidance_pattern`, batched for `scripts/probe_vit.py`)."""
     weights = torch.cat([torch.full((len(centres), 1), COUNT_SINK), centres], 1)
     return weights / weights.sum(1, keepdim=True)
 
@@ -842,7 +842,7 @@ def train_language(model, processor, steps: int, batch: int, lr: float, scenes: 
 
 def evaluate_accuracy(model, processor, size: int, seed: int, image_size: int = IMAGE_SIZE, batch_size: int = 32) -> dict:
     """Exact-match accuracy, overall and per question type, on the held-out benchmark stream `seed`."""
-    from vtprune.harness import answer
+    from vtprune.apps.harness import answer
 
     held_out = synthetic.generate(size, seed=seed, image_size=image_size)
     predictions, _, _ = answer(model, processor, held_out, batch_size=batch_size, max_new_tokens=10)

@@ -1,0 +1,472 @@
+"""The benchmarked model families at their published geometry (random weights): the `Case` base, one subclass per
+family (`LlavaCase`, `QwenCase`, `LlavaNextCase`), `CASES`, `DEFAULT_FAMILIES`, and the FLOPs of a geometry
+(`vtprune.flops.prefill_flops`, `FLOPS_CONVENTION`). To add a family, subclass `Case` here and list it in `CASES`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from vtprune.eval.speed.measure import clock
+from vtprune.flops import prefill_flops
+
+FLOPS_CONVENTION = "per decoder layer 4*n*d^2 + 2*n^2*d + 2*n*d*m (FastV / DivPrune), times the full depth"
+
+
+class Case:
+    """One model family at real geometry. Subclasses know the model; the benchmark loop knows nothing of it.
+
+    To add a family, implement the methods below and list the class in `CASES`.
+    """
+
+    name = ""
+    label = ""
+    budgets: tuple[int, ...] = ()
+    full_layers = 0
+    image_token_id = 0
+    apply_options: ClassVar[dict[str, Any]] = {}
+    """Family options every `vtprune.apply` of the benchmark passes (LLaVA-NeXT: its budget scope)."""
+
+    def __init__(self, llm_layers: int, text_tokens: int, tiny: bool, device: torch.device, dtype: torch.dtype) -> None:
+        self.llm_layers = llm_layers or self.full_layers  # 0: full depth
+        self.text_tokens = text_tokens
+        self.tiny = tiny
+        self.device = device
+        self.dtype = dtype
+        self.model: Any = None
+        self.geometry: dict = {}
+        self.hidden = self.ffn = self.kv_heads = self.head_dim = 0
+
+    # ------------------------------------------------------------------ per family
+    def integration_class(self):
+        raise NotImplementedError
+
+    def tokens_per_image(self) -> int:
+        raise NotImplementedError
+
+    def build(self) -> torch.nn.Module:
+        """Build `self.model` (random weights, eval mode, SDPA) on `self.device` in `self.dtype`."""
+        raise NotImplementedError
+
+    def inputs(self) -> dict:
+        """The keyword arguments of one call with one image, as the family's processor would give them."""
+        raise NotImplementedError
+
+    def encode_once(self, integration, inputs: dict, attention_layers: set[int]) -> "RunCache":
+        """One vision-tower pass through the integration's own encoder step, capturing what pruners read."""
+        raise NotImplementedError
+
+    def time_vision(self, inputs: dict, attention_layers: set[int], repeats: int) -> tuple["RunCache", list[float]]:
+        """Run the vision tower `repeats` times; return the last pass and the times."""
+        integration = self.integration_class()(self.model, _any_pruner(), **self.apply_options)
+        times, cache = [], None
+        for _ in range(repeats):
+            start = clock(self.device)
+            cache = self.encode_once(integration, inputs, attention_layers)
+            times.append(clock(self.device) - start)
+        return cache, times
+
+    def install_cache(self, handle, cache: "RunCache") -> None:
+        """Make the patched model reuse the cached tower pass: the integration's own encode() still runs (and
+        everything after it), only its `run_encoder` returns the cached pass."""
+        handle.integration.run_encoder = lambda *args, **kwargs: cache.run
+
+    def unpruned_llm_inputs(self, inputs: dict, cache) -> dict:
+        """What the unpatched model computes after its tower: the LLM's ``inputs_embeds`` (and positions)."""
+        raise NotImplementedError
+
+    def _splice(self, ids: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+        """Token embeddings of `ids` with `visual` scattered into the image placeholders, as the unpatched model."""
+        embeds = self.model.get_input_embeddings()(ids)
+        mask = (ids == self.image_token_id)[..., None].expand_as(embeds)
+        return embeds.masked_scatter(mask, visual.to(embeds.dtype))
+
+    def expected_visual(self, cache, order: torch.Tensor) -> torch.Tensor:
+        """LLM-space embeddings of the visual tokens `order`, recomputed independently of vtprune."""
+        raise NotImplementedError
+
+    def score_heads_and_length(self) -> tuple[int, int]:
+        """Heads (times the images or crops the tower runs at once) and sequence length of the encoder block
+        pruners score at (for the attention-map size)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared
+    @property
+    def decoder_layers(self):
+        return self.model.model.language_model.layers
+
+    @property
+    def language_model(self):
+        return self.model.model.language_model
+
+    def kv_bytes_per_layer(self, n: int) -> int:
+        return 2 * n * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+
+    def flops(self, n: int) -> float:
+        return prefill_flops(n, self.hidden, self.ffn, self.full_layers)
+
+    def _construct(self, model_class, config) -> torch.nn.Module:
+        """Build on the device in the benchmark dtype, initialising every weight once (N(0, 0.02), norms 1,
+        biases 0): transformers' constructor would initialise twice, ~30 s for 1 B parameters on 2 cores."""
+        from transformers.initialization import no_init_weights
+
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device), no_init_weights():
+                model = model_class(config)
+        finally:
+            torch.set_default_dtype(previous)
+        generator = torch.Generator(device=self.device).manual_seed(0)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("bias"):
+                    param.zero_()
+                elif param.ndim == 1 and "norm" in name:
+                    param.fill_(1.0)
+                else:
+                    param.normal_(0.0, 0.02, generator=generator)
+        if getattr(config.get_text_config(), "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False):
+            model.lm_head.weight = model.get_input_embeddings().weight
+        model.set_attn_implementation("sdpa")
+        return model.eval()
+
+    @staticmethod
+    def _text_ids(count: int, high: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randint(10, high, (count,), generator=generator)
+
+
+class RunCache:
+    """The cached tower pass: what the integration's `run_encoder` returned (LLaVA: an `EncoderRun` with
+    features, CLS and captured block inputs; Qwen: a `QwenEncoderRun` with the merged tokens)."""
+
+    def __init__(self, run) -> None:
+        self.run = run
+
+
+class LlavaCase(Case):
+    """LLaVA-1.5-7B: CLIP ViT-L/14-336 + Vicuna-7B (reduced depth)."""
+
+    name = "llava-1.5-7b"
+    label = "LLaVA-1.5-7B (CLIP ViT-L/14-336, Vicuna-7B width)"
+    budgets = (192, 128, 64)
+    full_layers = 32
+    image_token_id = 32000  # llava-hf: <image> = 32000, vocab 32064
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        tiny = self.tiny
+        width, heads, layers, hidden, ffn, text_heads = (
+            (32, 4, 4, 64, 128, 4) if tiny else (1024, 16, 24, 4096, 11008, 32)
+        )
+        self.hidden, self.ffn, self.kv_heads, self.head_dim = hidden, ffn, text_heads, hidden // text_heads
+        self.geometry = {
+            "vision": {"model": "CLIP ViT", "image_size": 336, "patch_size": 14, "hidden": width,
+                       "intermediate": 4 * width, "layers": layers, "heads": heads},
+            "projector": f"{width} -> {hidden} -> {hidden} (GELU)",
+            "llm": {"model": "Llama (Vicuna-7B geometry)", "hidden": hidden, "intermediate": ffn, "heads": text_heads,
+                    "kv_heads": text_heads, "vocab": 32064, "layers_run": self.llm_layers,
+                    "layers_full": self.full_layers},
+        }
+
+    def integration_class(self):
+        from vtprune.integrations.llava import LlavaIntegration
+
+        return LlavaIntegration
+
+    def tokens_per_image(self) -> int:
+        return 576
+
+    def _tower_and_llm_configs(self):
+        """The CLIP ViT-L/14-336 tower and the Vicuna-7B-width Llama configs (shared with LLaVA-NeXT)."""
+        from transformers import CLIPVisionConfig, LlamaConfig
+
+        v, t = self.geometry["vision"], self.geometry["llm"]
+        vision = CLIPVisionConfig(
+            image_size=336, patch_size=14, hidden_size=v["hidden"], intermediate_size=v["intermediate"],
+            num_hidden_layers=v["layers"], num_attention_heads=v["heads"], projection_dim=768,
+        )
+        text = LlamaConfig(
+            vocab_size=t["vocab"], hidden_size=t["hidden"], intermediate_size=t["intermediate"],
+            num_hidden_layers=self.llm_layers, num_attention_heads=t["heads"], num_key_value_heads=t["kv_heads"],
+            max_position_embeddings=4096, pad_token_id=0,
+        )
+        return vision, text
+
+    def build(self):
+        from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+        vision, text = self._tower_and_llm_configs()
+        config = LlavaConfig(
+            vision_config=vision, text_config=text, image_token_id=self.image_token_id, vision_feature_layer=-2,
+            vision_feature_select_strategy="default", pad_token_id=0,
+        )
+        self.model = self._construct(LlavaForConditionalGeneration, config)
+        return self.model
+
+    def inputs(self) -> dict:
+        g = torch.Generator().manual_seed(1)
+        before = min(5, self.text_tokens)  # "USER: <image>\n{question} ASSISTANT:"
+        ids = torch.cat([
+            self._text_ids(before, 30000, g),
+            torch.full((self.tokens_per_image(),), self.image_token_id),
+            self._text_ids(self.text_tokens - before, 30000, g),
+        ])[None]
+        return {
+            "input_ids": ids.to(self.device),
+            "attention_mask": torch.ones_like(ids).to(self.device),
+            "pixel_values": torch.randn(*self._pixel_shape(), generator=g).to(self.device, self.dtype),
+        }
+
+    def _pixel_shape(self) -> tuple[int, ...]:
+        return (1, 3, 336, 336)
+
+    def encode_once(self, integration, inputs: dict, attention_layers: set[int]) -> RunCache:
+        return RunCache(integration.run_encoder(inputs["pixel_values"], -2, attention_layers))
+
+    def unpruned_llm_inputs(self, inputs: dict, cache: RunCache) -> dict:
+        embeds = self._splice(inputs["input_ids"], self.model.model.multi_modal_projector(cache.run.features))
+        return {"inputs_embeds": embeds, "attention_mask": inputs["attention_mask"]}
+
+    def expected_visual(self, cache: RunCache, order: torch.Tensor) -> torch.Tensor:
+        return self.model.model.multi_modal_projector(cache.run.features[0][order.to(self.device)])
+
+    def score_heads_and_length(self) -> tuple[int, int]:
+        v = self.geometry["vision"]
+        return v["heads"], 577
+
+
+class QwenCase(Case):
+    """Qwen2-VL-2B: Qwen2-VL ViT at 448 x 448 + Qwen2-1.5B (reduced depth)."""
+
+    name = "qwen2-vl-2b"
+    label = "Qwen2-VL-2B (Qwen2-VL ViT at 448x448, Qwen2-1.5B)"
+    budgets = (192, 128, 64)
+    full_layers = 28
+    image_token_id = 151655
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        tiny = self.tiny
+        if tiny:
+            vision = {"depth": 4, "embed_dim": 32, "num_heads": 4, "mlp_ratio": 2}
+            hidden, ffn, heads, kv, mrope = 64, 128, 4, 2, [4, 2, 2]
+        else:
+            vision = {"depth": 32, "embed_dim": 1280, "num_heads": 16, "mlp_ratio": 4}
+            hidden, ffn, heads, kv, mrope = 1536, 8960, 12, 2, [16, 24, 24]
+        self.hidden, self.ffn, self.kv_heads, self.head_dim = hidden, ffn, kv, hidden // heads
+        self.image_size = 448
+        self.geometry = {
+            "vision": {"model": "Qwen2-VL ViT", **vision, "patch_size": 14, "spatial_merge_size": 2,
+                       "temporal_patch_size": 2, "image_size": self.image_size, "out_hidden": hidden},
+            "llm": {"model": "Qwen2 (Qwen2-1.5B geometry)", "hidden": hidden, "intermediate": ffn, "heads": heads,
+                    "kv_heads": kv, "vocab": 151936, "mrope_section": mrope, "layers_run": self.llm_layers,
+                    "layers_full": self.full_layers, "tie_word_embeddings": True},
+        }
+
+    def integration_class(self):
+        from vtprune.integrations.qwen_vl import QwenVLIntegration
+
+        return QwenVLIntegration
+
+    @property
+    def _side(self) -> int:
+        return self.image_size // 14
+
+    def tokens_per_image(self) -> int:
+        return (self._side // 2) ** 2
+
+    def build(self):
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+        v, t = self.geometry["vision"], self.geometry["llm"]
+        text = dict(
+            vocab_size=t["vocab"], hidden_size=t["hidden"], intermediate_size=t["intermediate"],
+            num_hidden_layers=self.llm_layers, num_attention_heads=t["heads"], num_key_value_heads=t["kv_heads"],
+            max_position_embeddings=32768, tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "mrope_section": t["mrope_section"], "rope_theta": 1000000.0},
+        )
+        vision = dict(
+            depth=v["depth"], embed_dim=v["embed_dim"], hidden_size=t["hidden"], num_heads=v["num_heads"],
+            mlp_ratio=v["mlp_ratio"], patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+        )
+        config = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True)
+        self.model = self._construct(Qwen2VLForConditionalGeneration, config)
+        return self.model
+
+    def inputs(self) -> dict:
+        g = torch.Generator().manual_seed(1)
+        side, tokens = self._side, self.tokens_per_image()
+        before = min(4, self.text_tokens)  # "<|im_start|>user\n<|vision_start|>...<|vision_end|>{question}..."
+        vision_start, vision_end = 151652, 151653
+        ids = torch.cat([
+            self._text_ids(before, 150000, g),
+            torch.tensor([vision_start]),
+            torch.full((tokens,), self.image_token_id),
+            torch.tensor([vision_end]),
+            self._text_ids(max(0, self.text_tokens - before - 2), 150000, g),
+        ])[None]
+        grid = torch.tensor([[1, side, side]])
+        patches = side * side
+        return {
+            "input_ids": ids.to(self.device),
+            "attention_mask": torch.ones_like(ids).to(self.device),
+            "mm_token_type_ids": (ids == self.image_token_id).int().to(self.device),
+            "pixel_values": torch.randn(patches, 3 * 2 * 14 * 14, generator=g).to(self.device, self.dtype),
+            "image_grid_thw": grid.to(self.device),
+        }
+
+    def encode_once(self, integration, inputs: dict, attention_layers: set[int]) -> RunCache:
+        return RunCache(integration.run_encoder(inputs["pixel_values"], inputs["image_grid_thw"], attention_layers))
+
+    def unpruned_llm_inputs(self, inputs: dict, cache: RunCache) -> dict:
+        ids = inputs["input_ids"]
+        embeds = self._splice(ids, cache.run.merged)
+        positions, _ = self.model.model.get_rope_index(
+            ids, mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
+            attention_mask=inputs["attention_mask"],
+        )
+        return {"inputs_embeds": embeds, "attention_mask": inputs["attention_mask"], "position_ids": positions}
+
+    def expected_visual(self, cache: RunCache, order: torch.Tensor) -> torch.Tensor:
+        return cache.run.merged[order.to(self.device)]
+
+    def score_heads_and_length(self) -> tuple[int, int]:
+        v = self.geometry["vision"]
+        return v["num_heads"], self._side * self._side
+
+
+class LlavaNextRunCache(RunCache):
+    """The cached tower pass over every crop (`LlavaIntegration.run_encoder` on `crop_batch`'s batch), the crop
+    counts and image sizes, and the unpatched packed visual sequence for the identity check (filled on first
+    use, outside every timed region)."""
+
+    def __init__(self, run, crops_per_image: list[int], image_sizes: torch.Tensor) -> None:
+        super().__init__(run)
+        self.crops_per_image = crops_per_image
+        self.image_sizes = image_sizes
+        self.packed: torch.Tensor | None = None
+
+
+class LlavaNextCase(LlavaCase):
+    """LLaVA-NeXT-7B (llava-v1.6-vicuna-7b geometry): CLIP ViT-L/14-336 anyres + Vicuna-7B (reduced depth).
+
+    Tower, projector and LLM as `LlavaCase`; the llava-v1.6 `image_grid_pinpoints`. One 672 x 672 image: the
+    2x2 pinpoint, so a base crop and four sub-crops, 5 x 576 = 2880 patch tokens; a square image on a square
+    grid loses nothing to unpadding, and the unpatched model appends one newline per row of the 48 x 48
+    sub-crop grid: it packs 576 + 48 x 49 = 2928 visual tokens (`tokens_per_image`, taken from the model's own
+    `pack_image_features`). No image gets closer to 2880 packed: unpadding cuts rows or columns in pairs, so the
+    nearest layouts are 2928 (nothing cut) and 2832 / 2830 (two columns / rows cut).
+
+    ``budget_scope="global"``: `keep` is the total the LLM receives for the image, the 48 newlines included
+    (keep=640 is 48 newlines + 592 patch tokens split equally over the five crops), which is what a budget of
+    "640 / 320 / 160 of 2880" compares against. ``"per_crop"`` would apply `keep` to each of the five crops
+    (5 x keep + 48 tokens). Pool cannot tile every equal share on a 24 x 24 crop (118 = 2 x 59): such rows
+    are reported under ``skipped`` with the `BudgetError`, not measured.
+    """
+
+    name = "llava-next-7b"
+    label = "LLaVA-NeXT-7B (CLIP ViT-L/14-336 anyres, Vicuna-7B width)"
+    budgets = (640, 320, 160)
+    full_layers = 32
+    image_token_id = 32000  # llava-hf llava-v1.6-vicuna: <image> = 32000, vocab 32064
+    apply_options: ClassVar[dict[str, Any]] = {"budget_scope": "global"}
+    grid_pinpoints = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+    """llava-v1.6 resolutions, (height, width)."""
+    image_size = (672, 672)
+    """(height, width) of the benchmark image, as the processor reports it in ``image_sizes``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.geometry["anyres"] = {
+            "image_grid_pinpoints": [list(p) for p in self.grid_pinpoints], "image_size": list(self.image_size),
+            "budget_scope": self.apply_options["budget_scope"],
+        }
+        self._packed_tokens: int | None = None
+        self._crops = 0
+
+    def integration_class(self):
+        from vtprune.integrations.llava_next import LlavaNextIntegration
+
+        return LlavaNextIntegration
+
+    def tokens_per_image(self) -> int:
+        if self._packed_tokens is None:
+            raise RuntimeError("tokens_per_image() is known once build() has run")
+        return self._packed_tokens
+
+    def build(self):
+        from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        vision, text = self._tower_and_llm_configs()
+        config = LlavaNextConfig(
+            vision_config=vision, text_config=text, image_token_id=self.image_token_id, vision_feature_layer=-2,
+            vision_feature_select_strategy="default", image_grid_pinpoints=[list(p) for p in self.grid_pinpoints],
+            image_seq_length=576, pad_token_id=0,
+        )
+        self.model = self._construct(LlavaNextForConditionalGeneration, config)
+        self._crops = image_size_to_num_patches(list(self.image_size), config.image_grid_pinpoints, 336)
+        # The length the unpatched model packs (unpadding, newlines), from its own code on placeholder features.
+        placeholder = [torch.zeros(self._crops, 576, 1)]
+        packed, _ = self.model.model.pack_image_features(
+            placeholder, torch.tensor([self.image_size]), "default", image_newline=torch.zeros(1)
+        )
+        self._packed_tokens = int(packed[0].shape[0])
+        self.geometry["anyres"].update(crops=self._crops, patch_tokens=self._crops * 576, packed_tokens=self._packed_tokens)
+        return self.model
+
+    def inputs(self) -> dict:
+        return {**super().inputs(), "image_sizes": torch.tensor([self.image_size]).to(self.device)}
+
+    def _pixel_shape(self) -> tuple[int, ...]:
+        return (1, self._crops, 3, 336, 336)
+
+    def encode_once(self, integration, inputs: dict, attention_layers: set[int]) -> LlavaNextRunCache:
+        # Timed as the unpatched model pays it: crop batching, then the tower over every crop. The patched
+        # model still runs its own crop_batch and reduce_anyres around the cached pass.
+        pixel_values, crops_per_image = integration.crop_batch(inputs)
+        run = integration.run_encoder(pixel_values, -2, attention_layers)
+        return LlavaNextRunCache(run=run, crops_per_image=crops_per_image, image_sizes=inputs["image_sizes"])
+
+    def _unpatched_packed(self, cache: LlavaNextRunCache) -> torch.Tensor:
+        """What the unpatched get_image_features does after its tower: the projector on every crop at once,
+        then the model's own pack_image_features (sub-crop grid, unpadding, newlines, base crop first)."""
+        inner = self.model.model
+        features = torch.split(inner.multi_modal_projector(cache.run.features), cache.crops_per_image, dim=0)
+        packed, _ = inner.pack_image_features(features, cache.image_sizes, "default", image_newline=inner.image_newline)
+        return torch.cat(packed, dim=0)
+
+    def unpruned_llm_inputs(self, inputs: dict, cache: LlavaNextRunCache) -> dict:
+        ids = inputs["input_ids"]
+        embeds = self.model.get_input_embeddings()(ids)
+        packed = self._unpatched_packed(cache).to(embeds.dtype)
+        mask = self.model.model.get_placeholder_mask(ids, inputs_embeds=embeds, image_features=packed)
+        return {"inputs_embeds": embeds.masked_scatter(mask, packed), "attention_mask": inputs["attention_mask"]}
+
+    def expected_visual(self, cache: LlavaNextRunCache, order: torch.Tensor) -> torch.Tensor:
+        # For a pure selection, stats.order indexes the packed sequence (newline slots included), so the visual
+        # columns are rows of what the unpatched model would have spliced in.
+        if cache.packed is None:
+            cache.packed = self._unpatched_packed(cache)
+        return cache.packed[order.to(self.device)]
+
+    def score_heads_and_length(self) -> tuple[int, int]:
+        # The tower runs all crops as one batch, so one map of the score block covers every crop.
+        return self.geometry["vision"]["heads"] * self._crops, 577
+
+
+CASES: dict[str, type[Case]] = {"llava-1.5-7b": LlavaCase, "qwen2-vl-2b": QwenCase, "llava-next-7b": LlavaNextCase}
+"""Benchmarked families."""
+
+DEFAULT_FAMILIES = ("llava-1.5-7b", "qwen2-vl-2b")
+"""What runs without ``--families``: llava-next-7b is opt-in (its 2928-token prefills at 7B width take about as
+long as the two others together on 2 CPU cores; see the package docstring)."""
+
+
+def _any_pruner():
+    import vtprune
+
+    return vtprune.create_pruner("random", keep=1)

@@ -1,0 +1,125 @@
+"""lmms-eval plugin: lmms-eval's own LLaVA-HF, Qwen2-VL and Qwen2.5-VL models with vtprune patched in.
+
+Installing vtprune registers three models with lmms-eval (entry-point group ``lmms_eval.models``, lmms-eval
+0.6+). Each one subclasses lmms-eval's class of the same family, pops vtprune's arguments from ``--model_args``
+before delegating to it, and patches the model it loaded with `vtprune.apply`:
+
+==========================  =====================================================  ======================
+``--model``                 lmms-eval classes wrapped (simple / chat)              checkpoints
+==========================  =====================================================  ======================
+``vtprune_llava_hf``        ``llava_hf`` (both)                                    LLaVA-1.5 (and what
+                                                                                   ``llava_hf`` loads)
+``vtprune_qwen2_vl``        ``qwen2_vl`` (simple only, as in lmms-eval)            Qwen2-VL
+``vtprune_qwen2_5_vl``      ``qwen2_5_vl`` (both)                                  Qwen2.5-VL
+==========================  =====================================================  ======================
+
+Like lmms-eval's own ids, a model with both classes runs the chat class unless ``--force_simple`` is given.
+
+Single GPU::
+
+    pip install "vtprune[lmms]"
+    lmms-eval --model vtprune_llava_hf \\
+        --model_args pretrained=llava-hf/llava-1.5-7b-hf,pruner=visionzip,keep=64 \\
+        --tasks mme --batch_size 8 --output_path ./logs --log_samples
+
+Several GPUs (data parallel, one model per GPU)::
+
+    accelerate launch --num_processes 8 -m lmms_eval --model vtprune_qwen2_5_vl \\
+        --model_args pretrained=Qwen/Qwen2.5-VL-7B-Instruct,pruner=fastervlm,ratio=0.25 \\
+        --tasks mme,pope --batch_size 4 --output_path ./logs --log_samples
+
+On the CPU add ``--device cpu`` (and ``device_map=cpu`` in the Qwen model_args).
+
+vtprune's ``--model_args`` (everything else goes to the lmms-eval class unchanged):
+
+- ``pruner=NAME``: a registered pruner (``vtprune.list_pruners()``); ``none`` (the default) runs the model
+  unpatched, so the unpruned baseline goes through exactly the same code and logs the same statistics.
+- ``keep=N`` (visual tokens per image) or ``ratio=R`` in (0, 1]; neither: the pruner's paper default.
+- ``positions=compact|preserve``: position ids of the kept tokens (default: the family's convention).
+- ``pruner_OPTION=VALUE``: a pruner hyperparameter or a family option of `vtprune.apply`, e.g.
+  ``pruner_contextual=10`` (VisionZip), ``pruner_alpha=0.2`` (HiPrune), ``pruner_distance=l2`` (DivPrune),
+  ``pruner_budget_scope=global`` (LLaVA-NeXT). ``none`` means None; whole numbers become ints.
+
+An unknown pruner, option or an impossible budget raises `vtprune.ConfigError` before the model is loaded
+(options the family decides are checked right after loading); lmms-eval prints the traceback. Generation
+errors are not swallowed either (lmms-eval's LLaVA-HF class turns them into empty answers).
+
+Batches: lmms-eval's LLaVA-HF classes are batch-size-1 only; the vtprune ones override ``generate_until`` with
+a batched version (left padding, ``padding=True``, one ``generate`` per batch, ``until`` stop strings cut,
+``max_new_tokens`` / ``temperature`` / ``top_p`` / ``num_beams`` from the task, lmms-eval's ``Collator``
+ordering and ``cache_hook``), and ``loglikelihood`` with one that stays correct when the prompt is shortened.
+Image and text requests only: a video request raises ``NotImplementedError``. lmms-eval's Qwen classes already
+batch and are used as they are (Qwen2-VL's tokenizer is switched to left padding, which batched generation
+needs).
+
+Visual-token statistics, logged into lmms-eval's outputs:
+
+- ``*_results.json``, section ``"throughput"`` (lmms-eval prefixes every key with ``avg_``):
+  ``avg_vtprune_images`` (images seen), ``avg_vtprune_visual_tokens_in`` / ``..._out`` (mean visual tokens per
+  image before / after pruning), ``..._in_min``, ``..._in_max``, ``..._out_min``, ``..._out_max``, and
+  ``avg_vtprune_selection_ms_per_image``. One entry is logged per ``generate_until`` / ``loglikelihood`` call
+  (normally one per run; with several, lmms-eval averages them). Under ``accelerate launch`` the ranks'
+  statistics are gathered first, so they cover the whole run.
+- ``*_samples_<task>.jsonl`` (``--log_samples``), LLaVA-HF models: each sample's ``token_counts`` holds
+  ``visual_tokens_in`` / ``visual_tokens_out`` (one entry per image of the request), ``input_tokens`` (the
+  prompt length the language model actually prefilled, after pruning) and ``output_tokens``. lmms-eval's
+  ``"efficiency"`` section of the results sums these ``input_tokens``. lmms-eval's Qwen classes return plain
+  strings, so for them only the results summary is available.
+
+The package, one module a concern and one short module a family:
+
+- ``settings``: vtprune's ``--model_args`` (`pop_vtprune_args`, `PruneSettings`), checked before a model loads;
+- ``base``: vtprune's part of every class (patching, statistics, ``clean``); ``token_stats``: the statistics;
+- ``batched_llava``: the batched LLaVA-HF loops; ``loading``: importing lmms-eval's model modules;
+- ``llava_hf``, ``qwen2_vl``, ``qwen2_5_vl``: the model classes, each a few lines;
+- ``check``: does the installed lmms-eval run its evaluator (``python -m vtprune.integrations.lmms_eval.check``).
+
+Importing this package needs neither lmms-eval nor a model: lmms-eval's registry imports a family module
+(``vtprune.integrations.lmms_eval.llava_hf.VTPruneLlavaHf`` etc.) only when that model is asked for. If the
+optional ``decord`` video reader that lmms-eval's model modules import is missing, a placeholder is used
+while importing them; it raises a clear ``ImportError`` only if a video is actually read.
+
+To add a family: a module here with its classes (mixing in `base.VTPruneMixin` and, for LLaVA-style
+batch-size-1 parents, a `batched_llava` loop) and one `MODELS` entry.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = ["MODELS", "OPTION_PREFIX", "PruneSettings", "manifests", "pop_vtprune_args"]
+
+MODELS: dict[str, tuple[str, str | None]] = {
+    "vtprune_llava_hf": ("llava_hf.VTPruneLlavaHf", "llava_hf.VTPruneLlavaHfChat"),
+    "vtprune_qwen2_vl": ("qwen2_vl.VTPruneQwen2VL", None),
+    "vtprune_qwen2_5_vl": ("qwen2_5_vl.VTPruneQwen2_5_VL", "qwen2_5_vl.VTPruneQwen2_5_VLChat"),
+}
+"""lmms-eval model id -> (simple class, chat class), as ``module.Class`` paths inside this package."""
+
+_SETTINGS_NAMES = ("OPTION_PREFIX", "PruneSettings", "pop_vtprune_args")
+
+
+def manifests() -> list:
+    """The `ModelManifest` list lmms-eval's registry loads from the ``lmms_eval.models`` entry point."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return [
+        ModelManifest(
+            model_id=model_id,
+            simple_class_path=f"{__name__}.{simple}",
+            chat_class_path=f"{__name__}.{chat}" if chat else None,
+        )
+        for model_id, (simple, chat) in MODELS.items()
+    ]
+
+
+def __getattr__(name: str) -> Any:
+    """The settings names, and each model class by its bare name (``VTPruneLlavaHf``), imported on first access."""
+    if name in _SETTINGS_NAMES:
+        return getattr(importlib.import_module(f"{__name__}.settings"), name)
+    for path in (path for pair in MODELS.values() for path in pair if path):
+        module, _, cls = path.rpartition(".")
+        if cls == name:
+            return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
