@@ -20,7 +20,18 @@ the default, as the Qwen ports do). ``positions="compact"`` renumbers the whole 
 all M-RoPE axes, like text, which discards the 2-D layout of the kept image tokens. Keeping every token is
 bit-exact in preserve mode only.
 
-Not supported: video inputs (``pixel_values_videos``) raise a clear error instead of running unpruned.
+Video (``pixel_values_videos``, ``video_grid_thw``; Qwen2.5-VL's ``second_per_grid_ts`` only moves positions):
+every pruner prunes the merged video tokens, with one budget vocabulary for images and videos. ``ratio`` applies
+to every image and every video; ``video_keep=K`` (tokens the LLM receives for one whole video) or
+``video_ratio=r`` override it for videos. A per-image ``keep`` says nothing about a clip of thousands of tokens,
+so a video under a ``keep`` budget without ``video_keep`` / ``video_ratio`` is refused with a `BudgetError`.
+``video_scope="video"`` (the default) makes one selection over the whole clip, its temporal groups stacked top
+to bottom as one ``(T*h, w)`` grid, so frames that repeat cost little; ``"frame"`` gives every temporal group
+the same share (``video_keep`` must then be a multiple of the T groups). Attention statistics come per temporal
+group, as the ViT attends (one segment per group), recomputed from the captured block inputs like images'.
+Images and videos run through the ViT in separate calls, as the unpatched model runs them, and their placeholders
+are matched in the order they appear in each prompt. Each video's `ImageStats` indexes the clip's merged tokens
+in raster order (group by group), with ``extra["modality"] == "video"`` and ``extra["grid_thw"]`` (merged grid).
 """
 
 from __future__ import annotations
@@ -31,10 +42,13 @@ from dataclasses import dataclass
 import torch
 
 from vtprune.attention import received_attention
+from vtprune.budget import Budget
 from vtprune.capture import capture_calls
-from vtprune.errors import MissingCLSError
+from vtprune.errors import BudgetError, ConfigError, MissingCLSError
 from vtprune.integration import EncodedImages, VLMIntegration, reduce_images
-from vtprune.tokens import EncoderInfo
+from vtprune.tokens import EncoderInfo, ImageStats
+
+VIDEO_SCOPES = ("video", "frame")
 
 @dataclass
 class QwenEncoderRun:
@@ -125,6 +139,38 @@ class QwenAttentionProbe:
         return self._keys[layer][start:end]
 
 
+class _UnitProbe:
+    """An `AttentionProbe` over selection units: unit ``i`` is a token range of one image or video of an encoder
+    run (a whole image, a whole clip, or one temporal group of a clip)."""
+
+    def __init__(self, units: list[tuple[QwenAttentionProbe, int, int, int]]) -> None:
+        self.units = units  # (probe of the run, image/video index in that run, first token, end token)
+
+    def cls_attention(self, layer: int, image: int) -> torch.Tensor:
+        raise MissingCLSError("Qwen vision encoders have no CLS token")
+
+    def global_attention(self, layer: int, image: int) -> torch.Tensor:
+        probe, index, start, end = self.units[image]
+        return probe.global_attention(layer, index)[start:end]
+
+    def keys(self, layer: int, image: int) -> torch.Tensor:
+        probe, index, start, end = self.units[image]
+        return probe.keys(layer, index)[start:end]
+
+
+@dataclass
+class _Visual:
+    """One image or video of a call, in the order its placeholders appear."""
+
+    modality: str  # "image" | "video"
+    index: int  # among the call's images / videos
+    grid: tuple[int, int, int]  # merged (t, h, w)
+
+    @property
+    def tokens(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+
 class QwenVLIntegration(VLMIntegration):
     encoder_merging_unsupported = (
         "its ViT ends in a PatchMerger that concatenates each 2x2 group of four consecutive patches of a fixed grid "
@@ -137,6 +183,16 @@ class QwenVLIntegration(VLMIntegration):
     visual_kwargs = ("pixel_values", "pixel_values_videos")
     encoder_kwargs = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
     token_kwargs = {"labels": -100, "mm_token_type_ids": 0}
+    options = {"video_keep": None, "video_ratio": None, "video_scope": "video"}
+
+    def __init__(self, model: torch.nn.Module, pruner, **options) -> None:
+        super().__init__(model, pruner, **options)
+        scope = self.settings["video_scope"]
+        if scope not in VIDEO_SCOPES:
+            raise ConfigError(f"video_scope must be one of {', '.join(map(repr, VIDEO_SCOPES))}; got {scope!r}")
+        self.video_budget = Budget(keep=self.settings["video_keep"], ratio=self.settings["video_ratio"], label="video_")
+        if not self.video_budget.is_set and pruner.budget.ratio is not None:
+            self.video_budget = Budget(ratio=pruner.budget.ratio)  # ratio applies to videos too
 
     @classmethod
     def matches(cls, model) -> bool:
@@ -171,17 +227,85 @@ class QwenVLIntegration(VLMIntegration):
         handle.on_remove(lambda: setattr(inner, "rope_deltas", saved))
 
     def encode(self, inputs: dict) -> EncodedImages:
-        if inputs.get("pixel_values_videos") is not None:
-            raise NotImplementedError(
-                "vtprune prunes image tokens only; video inputs (pixel_values_videos) are not supported yet. "
-                "Call handle.remove() to run videos unpruned."
+        merge = self._visual.spatial_merge_size
+        grids = {}
+        for modality, pixels, grid_name in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw")):
+            if inputs.get(pixels) is None:
+                continue
+            grid = inputs.get(grid_name)
+            if grid is None:
+                raise ValueError(f"{pixels} need {grid_name}, as the Qwen processor returns them")
+            grids[modality] = grid
+        if "image" in grids and bool((grids["image"][:, 0] != 1).any()):
+            raise NotImplementedError("images with more than one temporal patch are not supported; pass them as videos")
+        visuals = self._in_prompt_order(inputs["input_ids"], grids, merge)
+        budgets = self._budgets(visuals)  # every budget is checked before the ViT runs
+        layers = self.pruner.attention_layers(self.encoder_info())
+        runs = {modality: self.run_encoder(inputs[pixels], grids[modality], layers)
+                for modality, pixels in (("image", "pixel_values"), ("video", "pixel_values_videos")) if modality in grids}
+        return self.reduce_visuals(runs, visuals, budgets)
+
+    def _in_prompt_order(self, input_ids: torch.Tensor, grids: dict, merge: int) -> list[_Visual]:
+        """The call's images and videos in the order their placeholder runs appear (row by row), which is how
+        `find_image_slots` assigns placeholders; images and videos each keep their processor order."""
+        pending = {
+            modality: [_Visual(modality, i, (t, h // merge, w // merge)) for i, (t, h, w) in enumerate(grid.tolist())]
+            for modality, grid in grids.items()
+        }
+        given = {modality: sum(v.tokens for v in visuals) for modality, visuals in pending.items()}
+        token_ids = {"image": self.model.config.image_token_id, "video": self.model.config.video_token_id}
+        sequence = input_ids[self.placeholder_mask(input_ids)].tolist()  # row-major
+        ordered, position = [], 0
+        while position < len(sequence):
+            modality = "image" if sequence[position] == token_ids["image"] else "video"
+            if not pending.get(modality):
+                break
+            visual = pending[modality].pop(0)
+            if sequence[position : position + visual.tokens] != [token_ids[modality]] * visual.tokens:
+                break
+            ordered.append(visual)
+            position += visual.tokens
+        if position != len(sequence) or any(pending.values()):
+            counts = {m: int((input_ids == token_ids[m]).sum()) for m in token_ids}
+            raise ValueError(
+                f"the prompts hold {counts['image']} image and {counts['video']} video placeholder tokens, but the "
+                f"pixel inputs give {given.get('image', 0)} image and {given.get('video', 0)} video tokens, or in "
+                "another arrangement; pass the processor's full output for these prompts"
             )
-        grid = inputs.get("image_grid_thw")
-        if grid is None:
-            raise ValueError("pixel_values need image_grid_thw, as the Qwen processor returns them")
-        if bool((grid[:, 0] != 1).any()):
-            raise NotImplementedError("images with more than one temporal patch are not supported")
-        return self.reduce(self.run_encoder(inputs["pixel_values"], grid, self.pruner.attention_layers(self.encoder_info())))
+        return ordered
+
+    def _budgets(self, visuals: list[_Visual]) -> list[list[int]]:
+        """Per visual, the tokens kept per selection: one selection per image and per clip (``video_scope="video"``)
+        or one per temporal group (``"frame"``)."""
+        budgets = []
+        for visual in visuals:
+            if visual.modality == "image":
+                budgets.append([self.pruner.budget.resolve(visual.tokens, where=f"image {visual.index}")])
+                self.pruner.check(budgets[-1][0], visual.grid[1:])
+                continue
+            t, h, w = visual.grid
+            where = f"video {visual.index} ({t} temporal groups of {h}x{w} tokens)"
+            if not self.video_budget.is_set:
+                raise BudgetError(
+                    f"{self.pruner.budget} is a per-image budget and says nothing about {where}: pass video_keep="
+                    "<tokens per video> or video_ratio=<(0, 1]> to vtprune.apply, or a ratio for images and videos alike"
+                )
+            if self.settings["video_scope"] == "video":
+                budgets.append([self.video_budget.resolve(visual.tokens, where=where)])
+            elif self.video_budget.keep is not None:
+                if self.video_budget.keep % t:
+                    raise BudgetError(
+                        f"video_keep={self.video_budget.keep} does not split evenly over the {t} temporal groups of "
+                        f"{where} (video_scope='frame'): use a multiple of {t}, video_ratio, or video_scope='video'"
+                    )
+                share = Budget(keep=self.video_budget.keep // t, label="per-group video_").resolve(h * w, where=f"each temporal group of {where}")
+                budgets.append([share] * t)
+            else:
+                budgets.append([self.video_budget.resolve(h * w, where=f"each temporal group of {where}")] * t)
+            grid = (t * h, w) if len(budgets[-1]) == 1 else (h, w)
+            for keep in set(budgets[-1]):
+                self.pruner.check(keep, grid)
+        return budgets
 
     def run_encoder(self, pixel_values: torch.Tensor, grid: torch.Tensor, attention_layers: set[int]) -> QwenEncoderRun:
         """Run the ViT and merger once, capturing the calls of `attention_layers`."""
@@ -199,26 +323,62 @@ class QwenVLIntegration(VLMIntegration):
             raster_order = torch.argsort(window_index)
         return QwenEncoderRun(merged=merged, grid=grid, calls=dict(calls), raster_order=raster_order)
 
-    def reduce(self, run: QwenEncoderRun) -> EncodedImages:
-        """Reduce every image of an encoder run (attention recomputed afresh: nothing is cached across calls)."""
+    def _probe(self, run: QwenEncoderRun) -> QwenAttentionProbe:
         visual = self._visual
-        merge = visual.spatial_merge_size
-        features = list(torch.split(run.merged, (run.grid.prod(-1) // merge**2).tolist()))
-        probe = QwenAttentionProbe(
-            visual.blocks, run.calls, run.grid.prod(-1).tolist(), group=merge**2, raster_order=run.raster_order
-        )
-        return reduce_images(
-            self.pruner,
-            features,
-            [(h // merge, w // merge) for _, h, w in run.grid.tolist()],
-            self.encoder_info(),
-            project=lambda tokens: tokens,
-            probe=probe,
-            projected=lambda: features,
+        return QwenAttentionProbe(
+            visual.blocks, run.calls, run.grid.prod(-1).tolist(), group=visual.spatial_merge_size**2, raster_order=run.raster_order
         )
 
+    def reduce(self, run: QwenEncoderRun) -> EncodedImages:
+        """Reduce every image of an encoder run with the pruner's own budget (attention recomputed afresh)."""
+        merge = self._visual.spatial_merge_size
+        visuals = [_Visual("image", i, (t, h // merge, w // merge)) for i, (t, h, w) in enumerate(run.grid.tolist())]
+        budgets = [[self.pruner.budget.resolve(v.tokens, where=f"image {v.index}")] for v in visuals]
+        return self.reduce_visuals({"image": run}, visuals, budgets)
+
+    def reduce_visuals(self, runs: dict[str, QwenEncoderRun], visuals: list[_Visual], budgets: list[list[int]]) -> EncodedImages:
+        """Reduce the images and videos of encoder runs (`runs` by modality), one selection per budget entry."""
+        merge = self._visual.spatial_merge_size
+        features_of = {m: list(torch.split(run.merged, (run.grid.prod(-1) // merge**2).tolist())) for m, run in runs.items()}
+        probes = {m: self._probe(run) for m, run in runs.items()}
+        features, grids, units, flat_budgets = [], [], [], []
+        for visual, keeps in zip(visuals, budgets):
+            t, h, w = visual.grid
+            whole = features_of[visual.modality][visual.index]
+            size = whole.shape[0] // len(keeps)
+            for part, keep in enumerate(keeps):
+                features.append(whole[part * size : (part + 1) * size])
+                grids.append((t * h, w) if len(keeps) == 1 else (h, w))
+                units.append((probes[visual.modality], visual.index, part * size, (part + 1) * size))
+                flat_budgets.append(keep)
+        reduced = reduce_images(
+            self.pruner,
+            features,
+            grids,
+            self.encoder_info(),
+            project=lambda tokens: tokens,
+            probe=_UnitProbe(units),
+            projected=lambda: features,
+            budgets=flat_budgets,
+        )
+        embeds, orders, stats, start = [], [], [], 0
+        for visual, keeps in zip(visuals, budgets):
+            parts = range(start, start + len(keeps))
+            start += len(keeps)
+            size = visual.tokens // len(keeps)
+            offsets = [part * size for part in range(len(keeps))]
+            embeds.append(torch.cat([reduced.embeds[i] for i in parts]) if len(keeps) > 1 else reduced.embeds[parts[0]])
+            joined = ImageStats.join([reduced.stats[i] for i in parts], offsets)
+            joined.extra.update(modality=visual.modality, grid_thw=visual.grid)
+            if len(keeps) > 1:
+                joined.extra["group_tokens_out"] = [reduced.stats[i].tokens_out for i in parts]
+            orders.append(joined.order.to(embeds[-1].device))
+            stats.append(joined)
+        return EncodedImages(embeds=embeds, order=orders, stats=stats, selection_seconds=reduced.selection_seconds)
+
     def placeholder_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return input_ids == self.model.config.image_token_id
+        config = self.model.config
+        return (input_ids == config.image_token_id) | (input_ids == config.video_token_id)
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(input_ids)

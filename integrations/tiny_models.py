@@ -265,10 +265,12 @@ def tiny_qwen_vl(
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
+    if version == "2.5":  # its processor also returns second_per_grid_ts for videos
+        from transformers import Qwen2_5_VLProcessor as Qwen2VLProcessor
     processor = Qwen2VLProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        video_processor=Qwen2VLVideoProcessor(),
+        video_processor=Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels, cap_pixels_per_frame=False),
         chat_template=QWEN_CHAT_TEMPLATE,
     )
     return model, processor

@@ -60,19 +60,23 @@ def test_keep_all_is_bit_exact(qwen, batch, name):
         assert [s.tokens_out for s in handle.stats] == [48, 77, 54]
 
 
-def hand_built_logits(model, inputs, handle, positions_mode):
-    """The pruned sequence built from the unpatched model's own features and M-RoPE ids, run through the
-    unpatched language model."""
+def hand_built_sequence(model, inputs, handle, positions_mode):
+    """The pruned sequence built from the unpatched model's own image and video features and M-RoPE ids:
+    ``(embeds [B, L, D], attention [B, L], position_ids [3, B, L])``, left padded.
+
+    Placeholder runs are matched to ``handle.stats`` in prompt order; each stat must name the modality of its run,
+    and its features come from the unpatched model's image or video features in processor order."""
     with torch.no_grad():
-        grid = inputs["image_grid_thw"]
-        features = model.model.get_image_features(inputs["pixel_values"], grid).pooler_output
-        positions, _ = model.model.get_rope_index(
-            inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=grid,
-            attention_mask=inputs["attention_mask"],
-        )
+        features = {}
+        if inputs.get("pixel_values") is not None:
+            features["image"] = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+        if inputs.get("pixel_values_videos") is not None:
+            features["video"] = model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"]).pooler_output
+        names = ("mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts", "attention_mask")
+        positions, _ = model.model.get_rope_index(inputs["input_ids"], **{n: inputs[n] for n in names if inputs.get(n) is not None})
         embed = model.get_input_embeddings()
-        image_token = model.config.image_token_id
-        rows, image = [], 0
+        placeholder = {model.config.image_token_id: "image", model.config.video_token_id: "video"}
+        rows, unit, seen = [], 0, {"image": 0, "video": 0}
         for b in range(inputs["input_ids"].shape[0]):
             ids, mask = inputs["input_ids"][b], inputs["attention_mask"][b]
             vectors, places, j = [], [], 0
@@ -80,20 +84,25 @@ def hand_built_logits(model, inputs, handle, positions_mode):
                 if mask[j] == 0:
                     j += 1
                     continue
-                if ids[j] == image_token:
-                    stat = handle.stats[image]
+                kind = placeholder.get(int(ids[j]))
+                if kind is not None:
+                    stat = handle.stats[unit]
+                    assert stat.extra["modality"] == kind
+                    own = features[kind][seen[kind]]
+                    assert own.shape[0] == stat.tokens_in
                     for slot, rep in enumerate(stat.order.tolist()):
                         members = (stat.assignment == slot).nonzero().flatten()
                         if members.numel() <= 1:
-                            vectors.append(features[image][rep])
+                            vectors.append(own[rep])
                         elif handle.pruner.name == "pool":
-                            vectors.append(features[image][members].mean(0))
+                            vectors.append(own[members].mean(0))
                         else:  # VisionZip contextual token: target + mean of the other members
                             others = members[members != rep]
-                            vectors.append(features[image][rep] + features[image][others].mean(0))
+                            vectors.append(own[rep] + own[others].mean(0))
                         places.append(positions[:, b, j + rep])
                     j += stat.tokens_in
-                    image += 1
+                    unit += 1
+                    seen[kind] += 1
                 else:
                     vectors.append(embed(ids[j]))
                     places.append(positions[:, b, j])
@@ -102,6 +111,7 @@ def hand_built_logits(model, inputs, handle, positions_mode):
             if positions_mode == "compact":
                 places = torch.arange(places.shape[1]).expand(3, -1)
             rows.append((torch.stack(vectors), places))
+        assert unit == len(handle.stats)
         length = max(r[0].shape[0] for r in rows)
         embeds = torch.zeros(len(rows), length, rows[0][0].shape[1])
         attention = torch.zeros(len(rows), length, dtype=torch.long)
@@ -111,6 +121,13 @@ def hand_built_logits(model, inputs, handle, positions_mode):
             embeds[b, length - n :] = vectors
             attention[b, length - n :] = 1
             position_ids[:, b, length - n :] = places
+        return embeds, attention, position_ids
+
+
+def hand_built_logits(model, inputs, handle, positions_mode):
+    """`hand_built_sequence` run through the unpatched language model."""
+    embeds, attention, position_ids = hand_built_sequence(model, inputs, handle, positions_mode)
+    with torch.no_grad():
         hidden = model.model.language_model(
             inputs_embeds=embeds, attention_mask=attention, position_ids=position_ids
         ).last_hidden_state
@@ -255,7 +272,8 @@ def test_errors(qwen, batch, qwen_images):
             model(**batch)
     video = torch.rand(4, 3, 56, 56)
     inputs = dict(processor(text=["<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>x<|im_end|>\n"], videos=[video], return_tensors="pt"))
-    with vtprune.apply(model, "fastervlm", keep=8), pytest.raises(NotImplementedError, match="video inputs"):
+    # A per-image keep says nothing about a video's budget (tests/test_qwen_video.py has the video budgets).
+    with vtprune.apply(model, "fastervlm", keep=8), pytest.raises(vtprune.BudgetError, match="keep=8 is a per-image budget"):
         with torch.no_grad():
             model(**inputs)
 

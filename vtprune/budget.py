@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import BudgetError, ConfigError
 
@@ -18,20 +18,23 @@ class Budget:
 
     keep: int | None = None
     ratio: float | None = None
+    label: str = field(default="", compare=False)
+    """Prefix of the option names in messages (``"video_"``: video_keep / video_ratio)."""
 
     def __post_init__(self) -> None:
+        keep, ratio = f"{self.label}keep", f"{self.label}ratio"
         if self.keep is not None and self.ratio is not None:
-            raise ConfigError(f"give either keep or ratio, not both (got keep={self.keep}, ratio={self.ratio})")
+            raise ConfigError(f"give either {keep} or {ratio}, not both (got {keep}={self.keep}, {ratio}={self.ratio})")
         if self.keep is not None:
             if isinstance(self.keep, bool) or not isinstance(self.keep, int):
-                raise ConfigError(f"keep must be a positive integer number of tokens, got {self.keep!r}")
+                raise ConfigError(f"{keep} must be a positive integer number of tokens, got {self.keep!r}")
             if self.keep <= 0:
-                raise ConfigError(f"keep must be a positive integer number of tokens, got {self.keep}")
+                raise ConfigError(f"{keep} must be a positive integer number of tokens, got {self.keep}")
         if self.ratio is not None:
             if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
-                raise ConfigError(f"ratio must be a number in (0, 1], got {self.ratio!r}")
+                raise ConfigError(f"{ratio} must be a number in (0, 1], got {self.ratio!r}")
             if not (0.0 < float(self.ratio) <= 1.0) or math.isnan(self.ratio):
-                raise ConfigError(f"ratio must be in (0, 1], got {self.ratio}")
+                raise ConfigError(f"{ratio} must be in (0, 1], got {self.ratio}")
 
     @property
     def is_set(self) -> bool:
@@ -44,15 +47,15 @@ class Budget:
         if self.keep is not None:
             if self.keep > available:
                 raise BudgetError(
-                    f"keep={self.keep} exceeds the {available} visual tokens of {where}; "
-                    f"use keep <= {available} or a ratio in (0, 1]"
+                    f"{self.label}keep={self.keep} exceeds the {available} visual tokens of {where}; "
+                    f"use {self.label}keep <= {available} or a {self.label}ratio in (0, 1]"
                 )
             return self.keep
         return max(1, int(round(float(self.ratio) * available)))
 
     def __str__(self) -> str:
         if self.keep is not None:
-            return f"keep={self.keep}"
+            return f"{self.label}keep={self.keep}"
         if self.ratio is not None:
-            return f"ratio={self.ratio}"
+            return f"{self.label}ratio={self.ratio}"
         return "unset"

@@ -248,3 +248,24 @@ class ImageStats:
             assignment=reduction.full_assignment(tokens_in).cpu(),
             extra=dict(extra),
         )
+
+    @classmethod
+    def join(cls, parts: list["ImageStats"], offsets: list[int]) -> "ImageStats":
+        """One `ImageStats` for token ranges reduced separately (e.g. the temporal groups of a video): part ``i``
+        covers the tokens from ``offsets[i]``; its output tokens follow those of the parts before it."""
+        if len(parts) == 1 and offsets == [0]:
+            return cls(parts[0].tokens_in, parts[0].tokens_out, parts[0].kept, parts[0].order, parts[0].assignment, dict(parts[0].extra))
+        orders, assignments, slots = [], [], 0
+        for part, offset in zip(parts, offsets):
+            orders.append(torch.where(part.order >= 0, part.order + offset, part.order))
+            assignments.append(torch.where(part.assignment >= 0, part.assignment + slots, part.assignment))
+            slots += part.tokens_out
+        order = torch.cat(orders)
+        return cls(
+            tokens_in=sum(part.tokens_in for part in parts),
+            tokens_out=slots,
+            kept=torch.unique(order[order >= 0]),
+            order=order,
+            assignment=torch.cat(assignments),
+            extra={},
+        )

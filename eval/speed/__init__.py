@@ -2,6 +2,7 @@
 
     python -m vtprune.eval.speed --out speed_results            # defaults: < 10 min on 2 CPU cores
     python -m vtprune.eval.speed --families llava-next-7b --out speed_results_next   # opt-in, ~8 min
+    python -m vtprune.eval.speed --families qwen2-vl-2b-video --out speed_results_video  # opt-in
     python -m vtprune.eval.speed --tiny --out /tmp/speed        # seconds; what the test suite runs
 
 Models (random weights, eval mode, ``torch.no_grad``; fp32 on CPU, fp16 on CUDA; SDPA attention):
@@ -24,6 +25,9 @@ Models (random weights, eval mode, ``torch.no_grad``; fp32 on CPU, fp16 on CUDA;
   family's ``skipped`` with the `BudgetError`. Its 2976-token unpruned prefills at 7B width make this family
   take about 7-9 min on 2 CPU cores, as long as the two others together, hence opt-in (the scaling study
   below runs with ``llava-1.5-7b`` only).
+- ``qwen2-vl-2b-video`` (opt-in): the ``qwen2-vl-2b`` model on a video of 16 frames at 448 x 448: 8 temporal
+  groups of 16 x 16 merged tokens, 2048 video tokens, one selection over the whole clip
+  (``video_scope="video"``). Budgets 512 / 205 (25 % and 10 %) as ``video_keep``.
 
 Each prompt is one image and ``--text-tokens`` (default 48) text tokens, batch 1.
 

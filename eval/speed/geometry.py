@@ -29,6 +29,10 @@ class Case:
     apply_options: ClassVar[dict[str, Any]] = {}
     """Family options every `vtprune.apply` of the benchmark passes (LLaVA-NeXT: its budget scope)."""
 
+    def budget_options(self, keep: int) -> dict[str, Any]:
+        """The `vtprune.apply` budget for a row of `keep` visual tokens (images: ``keep``; videos: ``video_keep``)."""
+        return {"keep": keep}
+
     def __init__(self, llm_layers: int, text_tokens: int, tiny: bool, device: torch.device, dtype: torch.dtype) -> None:
         self.llm_layers = llm_layers or self.full_layers  # 0: full depth
         self.text_tokens = text_tokens
@@ -338,6 +342,59 @@ class QwenCase(Case):
         return v["num_heads"], self._side * self._side
 
 
+class QwenVideoCase(QwenCase):
+    """Qwen2-VL-2B on a video: 16 frames at 448 x 448 (8 temporal groups of 16 x 16 merged tokens: 2048), one
+    selection over the whole clip (``video_scope="video"``)."""
+
+    name = "qwen2-vl-2b-video"
+    label = "Qwen2-VL-2B video (16 frames at 448x448: 8 temporal groups, Qwen2-1.5B)"
+    budgets = (512, 205)  # 25 % and 10 % of the clip's 2048 tokens
+    image_token_id = 151656  # <|video_pad|>: the placeholder this case splices
+    frames = 16
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.geometry["vision"]["frames"] = self.frames
+
+    @property
+    def _groups(self) -> int:
+        return self.frames // 2  # temporal patch 2
+
+    def budget_options(self, keep: int) -> dict[str, Any]:
+        return {"keep": 1, "video_keep": keep}  # keep (images) is unused: the call has only the video
+
+    def tokens_per_image(self) -> int:
+        return self._groups * (self._side // 2) ** 2
+
+    def inputs(self) -> dict:
+        ids = super().inputs()["input_ids"]  # the image prompt with this case's placeholder and token count
+        g = torch.Generator().manual_seed(2)
+        patches = self._groups * self._side * self._side
+        return {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "mm_token_type_ids": (2 * (ids == self.image_token_id)).int(),
+            "pixel_values_videos": torch.randn(patches, 3 * 2 * 14 * 14, generator=g).to(self.device, self.dtype),
+            "video_grid_thw": torch.tensor([[self._groups, self._side, self._side]]).to(self.device),
+        }
+
+    def encode_once(self, integration, inputs: dict, attention_layers: set[int]) -> RunCache:
+        return RunCache(integration.run_encoder(inputs["pixel_values_videos"], inputs["video_grid_thw"], attention_layers))
+
+    def unpruned_llm_inputs(self, inputs: dict, cache: RunCache) -> dict:
+        ids = inputs["input_ids"]
+        embeds = self._splice(ids, cache.run.merged)
+        positions, _ = self.model.model.get_rope_index(
+            ids, mm_token_type_ids=inputs["mm_token_type_ids"], video_grid_thw=inputs["video_grid_thw"],
+            attention_mask=inputs["attention_mask"],
+        )
+        return {"inputs_embeds": embeds, "attention_mask": inputs["attention_mask"], "position_ids": positions}
+
+    def score_heads_and_length(self) -> tuple[int, int]:
+        heads, per_group = super().score_heads_and_length()  # the ViT attends within each temporal group
+        return heads * self._groups, per_group
+
+
 class LlavaNextRunCache(RunCache):
     """The cached tower pass over every crop (`LlavaIntegration.run_encoder` on `crop_batch`'s batch), the crop
     counts and image sizes, and the unpatched packed visual sequence for the identity check (filled on first
@@ -458,7 +515,9 @@ class LlavaNextCase(LlavaCase):
         return self.geometry["vision"]["heads"] * self._crops, 577
 
 
-CASES: dict[str, type[Case]] = {"llava-1.5-7b": LlavaCase, "qwen2-vl-2b": QwenCase, "llava-next-7b": LlavaNextCase}
+CASES: dict[str, type[Case]] = {
+    "llava-1.5-7b": LlavaCase, "qwen2-vl-2b": QwenCase, "llava-next-7b": LlavaNextCase, "qwen2-vl-2b-video": QwenVideoCase,
+}
 """Benchmarked families."""
 
 DEFAULT_FAMILIES = ("llava-1.5-7b", "qwen2-vl-2b")

@@ -112,7 +112,7 @@ def _run_row(case, name, keep, inputs, cache, forward, layer_clock, captured, un
     import vtprune
 
     model, device = case.model, case.device
-    handle = vtprune.apply(model, name, keep=keep, **case.apply_options)
+    handle = vtprune.apply(model, name, **case.budget_options(keep), **case.apply_options)
     try:
         case.install_cache(handle, cache)
 

@@ -50,7 +50,9 @@ a batched version (left padding, ``padding=True``, one ``generate`` per batch, `
 ordering and ``cache_hook``), and ``loglikelihood`` with one that stays correct when the prompt is shortened.
 Image and text requests only: a video request raises ``NotImplementedError``. lmms-eval's Qwen classes already
 batch and are used as they are (Qwen2-VL's tokenizer is switched to left padding, which batched generation
-needs).
+needs); the Qwen integration prunes video tokens too, with ``pruner_video_keep`` / ``pruner_video_ratio`` /
+``pruner_video_scope`` (lmms-eval reads the videos itself, with ``decord``; that path is not in the offline
+test suite).
 
 Visual-token statistics, logged into lmms-eval's outputs:
 
