@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``vtprune-calibrate FOLDER --model NAME_OR_PATH --preset mid --out thresholds.json``."""
     parser = argparse.ArgumentParser(prog="vtprune-calibrate", description="Calibrate DyMU thresholds on a folder of images.")
     parser.add_argument("folder", type=Path, help="folder of images (searched recursively)")
-    parser.add_argument("--model", required=True, help="Hub id or save_pretrained folder, or tiny:<family> (tiny:llava, tiny:llava_next)")
+    parser.add_argument("--model", required=True, help="Hub id or save_pretrained folder, or tiny:<family> (tiny:llava, tiny:llava_next: the families with in-encoder merging)")
     parser.add_argument("--preset", default="mid", choices=sorted(PRESETS))
     parser.add_argument("--targets", default=None, help="comma-separated merges per block (replaces --preset)")
     parser.add_argument("--keep", type=int, default=None, help="tokens an average image keeps (replaces --preset)")

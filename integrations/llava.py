@@ -49,19 +49,12 @@ def hidden_state_to_block(index: int, depth: int) -> int:
     return normalized - 1
 
 
-class LlavaIntegration(VLMIntegration, VLMEncoderMerging):
-    model_classes = ("LlavaForConditionalGeneration",)
+class LlavaCore(VLMIntegration):
+    """What the LLaVA families share: a CLIP / SigLIP tower run once with the blocks a pruner reads captured,
+    the placeholders, token embeddings and 1-D positions of a Llama / Qwen2 language model. No in-encoder
+    merging: a family opts into that with `LlavaMerging`."""
+
     default_positions = "compact"
-    visual_kwargs = ("pixel_values",)
-    encoder_kwargs = ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
-
-    @classmethod
-    def matches(cls, model) -> bool:
-        from transformers import LlavaForConditionalGeneration
-
-        return type(model) is LlavaForConditionalGeneration or (
-            isinstance(model, LlavaForConditionalGeneration) and hasattr(model.model, "multi_modal_projector")
-        )
 
     # ------------------------------------------------------------------ model facts
     @property
@@ -71,6 +64,11 @@ class LlavaIntegration(VLMIntegration, VLMEncoderMerging):
     @property
     def _blocks(self):
         return self._tower.encoder.layers
+
+    @property
+    def _patch_slice(self) -> slice:
+        """The patch tokens of the feature layer's sequence: ``1:`` for the "default" strategy (CLS dropped)."""
+        return slice(1, None)
 
     def _feature_blocks(self, feature_layer) -> list[int]:
         layers = [feature_layer] if isinstance(feature_layer, int) else list(feature_layer)
@@ -89,28 +87,6 @@ class LlavaIntegration(VLMIntegration, VLMEncoderMerging):
         side = vision.image_size // vision.patch_size
         return side, side
 
-    def validate(self) -> None:
-        strategy = self.model.config.vision_feature_select_strategy
-        if strategy != "default":
-            raise UnsupportedModelError(
-                f"vision_feature_select_strategy={strategy!r} is not supported yet; vtprune supports 'default' "
-                "(patch tokens only, CLS dropped), which every LLaVA-1.5 checkpoint uses"
-            )
-        self.check_budget(self._grid())
-        self.pruner.attention_layers(self.encoder_info())  # out-of-range layers fail now, not at the first call
-
-    # ------------------------------------------------------------------ per call
-    def encode(self, inputs: dict) -> EncodedImages:
-        if inputs.get("image_sizes") is not None:
-            raise NotImplementedError("image_sizes (variable-resolution vision towers) is not supported for LLaVA")
-        config = self.model.config
-        strategy = inputs.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
-        if strategy != "default":
-            raise UnsupportedModelError(f"vision_feature_select_strategy={strategy!r} is not supported yet")
-        feature_layer = inputs.get("vision_feature_layer") or config.vision_feature_layer
-        info = self.encoder_info(feature_layer)
-        return self.reduce(self.run_encoder(inputs["pixel_values"], feature_layer, self.pruner.attention_layers(info)))
-
     def run_encoder(self, pixel_values: torch.Tensor, feature_layer, attention_layers: set[int]) -> EncoderRun:
         """Run the vision tower once, capturing the feature layer and the inputs of `attention_layers`."""
         info = self.encoder_info(feature_layer)
@@ -119,29 +95,35 @@ class LlavaIntegration(VLMIntegration, VLMEncoderMerging):
             self._tower(pixel_values)
         block_inputs, block_outputs = captured
         hidden = [block_outputs[b] for b in feature_blocks]
+        patches = self._patch_slice
         # Sliced exactly as the unpatched get_image_features does, so the projector sees identical tensors.
-        features = torch.cat([h[:, 1:] for h in hidden], dim=-1) if len(hidden) > 1 else hidden[0][:, 1:]
+        features = torch.cat([h[:, patches] for h in hidden], dim=-1) if len(hidden) > 1 else hidden[0][:, patches]
         cls_features = None
         if info.has_cls:
             cls_features = torch.cat([h[:, 0] for h in hidden], dim=-1) if len(hidden) > 1 else hidden[0][:, 0]
         return EncoderRun(info=info, features=features, cls_features=cls_features, block_inputs=block_inputs)
 
-    def reduce(self, run: EncoderRun) -> EncodedImages:
-        """Reduce every image of an encoder run (attention recomputed afresh: nothing is cached across calls)."""
-        projector = self.model.model.multi_modal_projector
-        images = run.features.shape[0]
-        return reduce_images(
-            self.pruner,
-            [run.features[i] for i in range(images)],
-            [self._grid()] * images,
-            run.info,
-            project=projector,
-            probe=ClipAttentionProbe(self._blocks, run.block_inputs, visual=slice(1, None)),
-            cls_features=None if run.cls_features is None else [run.cls_features[i] for i in range(images)],
-            projected=lambda: list(projector(run.features)),
-        )
+    def placeholder_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return input_ids == self.model.config.image_token_id
 
-    # ------------------------------------------------------------------ in-encoder merging (DyMU and alike)
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(input_ids)
+
+    def original_position_ids(self, inputs: dict, for_generate: bool) -> torch.Tensor:
+        input_ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask")
+        if for_generate and mask is not None:
+            # What generate() derives from the attention mask.
+            return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        # What the Llama decoder uses when no position ids are given: 0..L-1, padding included.
+        batch, length = input_ids.shape
+        return torch.arange(length, device=input_ids.device).expand(batch, length)
+
+
+class LlavaMerging(VLMEncoderMerging):
+    """In-encoder merging (DyMU and alike) on a CLIP-style LLaVA tower, with virtual token unmerging in the LLM
+    when the method asks for it. Mixed into `LlavaCore` families (LLaVA-1.5, LLaVA-NeXT)."""
+
     def _merging_blocks(self, feature_layer=None) -> int:
         feature_layer = self.model.config.vision_feature_layer if feature_layer is None else feature_layer
         if not isinstance(feature_layer, int):
@@ -253,18 +235,55 @@ class LlavaIntegration(VLMIntegration, VLMEncoderMerging):
             )
         )
 
-    def placeholder_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return input_ids == self.model.config.image_token_id
 
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_input_embeddings()(input_ids)
+class LlavaIntegration(LlavaMerging, LlavaCore):
+    """LLaVA-1.5: one 336 px image per placeholder run, in-encoder merging (DyMU) included."""
 
-    def original_position_ids(self, inputs: dict, for_generate: bool) -> torch.Tensor:
-        input_ids = inputs["input_ids"]
-        mask = inputs.get("attention_mask")
-        if for_generate and mask is not None:
-            # What generate() derives from the attention mask.
-            return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        # What the Llama decoder uses when no position ids are given: 0..L-1, padding included.
-        batch, length = input_ids.shape
-        return torch.arange(length, device=input_ids.device).expand(batch, length)
+    model_classes = ("LlavaForConditionalGeneration",)
+    visual_kwargs = ("pixel_values",)
+    encoder_kwargs = ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
+
+    @classmethod
+    def matches(cls, model) -> bool:
+        from transformers import LlavaForConditionalGeneration
+
+        return type(model) is LlavaForConditionalGeneration or (
+            isinstance(model, LlavaForConditionalGeneration) and hasattr(model.model, "multi_modal_projector")
+        )
+
+    def validate(self) -> None:
+        strategy = self.model.config.vision_feature_select_strategy
+        if strategy != "default":
+            raise UnsupportedModelError(
+                f"vision_feature_select_strategy={strategy!r} is not supported yet; vtprune supports 'default' "
+                "(patch tokens only, CLS dropped), which every LLaVA-1.5 checkpoint uses"
+            )
+        self.check_budget(self._grid())
+        self.pruner.attention_layers(self.encoder_info())  # out-of-range layers fail now, not at the first call
+
+    # ------------------------------------------------------------------ per call
+    def encode(self, inputs: dict) -> EncodedImages:
+        if inputs.get("image_sizes") is not None:
+            raise NotImplementedError("image_sizes (variable-resolution vision towers) is not supported for LLaVA")
+        config = self.model.config
+        strategy = inputs.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
+        if strategy != "default":
+            raise UnsupportedModelError(f"vision_feature_select_strategy={strategy!r} is not supported yet")
+        feature_layer = inputs.get("vision_feature_layer") or config.vision_feature_layer
+        info = self.encoder_info(feature_layer)
+        return self.reduce(self.run_encoder(inputs["pixel_values"], feature_layer, self.pruner.attention_layers(info)))
+
+    def reduce(self, run: EncoderRun) -> EncodedImages:
+        """Reduce every image of an encoder run (attention recomputed afresh: nothing is cached across calls)."""
+        projector = self.model.model.multi_modal_projector
+        images = run.features.shape[0]
+        return reduce_images(
+            self.pruner,
+            [run.features[i] for i in range(images)],
+            [self._grid()] * images,
+            run.info,
+            project=projector,
+            probe=ClipAttentionProbe(self._blocks, run.block_inputs, visual=slice(1, None)),
+            cls_features=None if run.cls_features is None else [run.cls_features[i] for i in range(images)],
+            projected=lambda: list(projector(run.features)),
+        )

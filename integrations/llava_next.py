@@ -71,9 +71,35 @@ from vtprune.integration import EncodedImages, _synchronize, reduce_images
 from vtprune.tokens import ImageStats
 
 from .common.clip_attention import ClipAttentionProbe
-from .llava import EncoderRun, LlavaIntegration
+from .llava import EncoderRun, LlavaCore, LlavaMerging
 
 BUDGET_SCOPES = ("per_crop", "global")
+
+
+@dataclass
+class _Region:
+    """The sub-crop grid of one image as a model resizes it after unpadding (LLaVA-OneVision's ``anyres_max``):
+    its tokens are no longer patches of one crop but bilinear mixes of neighbouring ones."""
+
+    first_crop: int  # the image's first sub-crop in the tower batch
+    crop_grid: tuple[int, int]  # sub-crops (rows, cols)
+    image_size: tuple[int, int]  # the original (height, width), for unpadding
+    size: tuple[int, int]  # the resized grid (rows, cols)
+
+    @property
+    def crops(self) -> slice:
+        return slice(self.first_crop, self.first_crop + self.crop_grid[0] * self.crop_grid[1])
+
+    def resize(self, per_crop: torch.Tensor, crop_grid_tokens: tuple[int, int]) -> torch.Tensor:
+        """``[sub-crops, rows * cols, C]`` per-crop tokens -> ``[h * w, C]`` the resized region in raster order, by
+        the very operations the unpatched ``pack_image_features`` applies (so projected tokens are bit-identical)."""
+        from transformers.models.llava_next.modeling_llava_next import unpad_image
+
+        (crop_rows, crop_cols), (rows, cols) = self.crop_grid, crop_grid_tokens
+        grid = per_crop.view(crop_rows, crop_cols, rows, cols, -1).permute(4, 0, 2, 1, 3).contiguous()
+        grid = unpad_image(grid.flatten(1, 2).flatten(2, 3), self.image_size)
+        grid = torch.nn.functional.interpolate(grid[None], list(self.size), mode="bilinear")[0]
+        return grid.flatten(1, 2).transpose(0, 1)
 
 
 @dataclass
@@ -82,9 +108,10 @@ class _Unit:
 
     crop: int  # index of the crop in the tower batch
     index: int  # 0 = base crop, j = sub-crop j (raster order of the crop grid)
-    patches: torch.Tensor  # [n] patch index inside the crop (raster order of the unit grid)
+    patches: torch.Tensor  # [n] patch index inside the crop, or inside `region` (raster order of the unit grid)
     packed: torch.Tensor  # [n] position of each token in the image's packed sequence
     grid: tuple[int, int]
+    region: _Region | None = None  # set when the model resizes the sub-crop grid: tokens are region tokens
 
     @property
     def size(self) -> int:
@@ -121,42 +148,56 @@ def split_equally(total: int, capacities: list[int]) -> list[int]:
 
 class _CropProbe:
     """`AttentionProbe` over units: unit ``u`` is crop ``crops[u]`` of the tower batch, restricted to the
-    patches ``patches[u]`` (softmax over the crop's whole encoder sequence, then those columns)."""
+    patches ``patches[u]`` (softmax over the crop's whole encoder sequence, then those columns). A unit of a
+    resized region takes the statistic of each of the region's crops, laid out and resized as the model resizes
+    the features (`_Region.resize`), at its tokens."""
 
-    def __init__(self, probe: ClipAttentionProbe, units: list[_Unit]) -> None:
+    def __init__(self, probe: ClipAttentionProbe, units: list[_Unit], crop_grid_tokens: tuple[int, int] | None = None) -> None:
         self.probe = probe
         self.units = units
+        self.crop_grid_tokens = crop_grid_tokens
+        self._regions: dict[tuple, torch.Tensor] = {}
 
     def _unit(self, image: int) -> _Unit:
         return self.units[image]
 
+    def _resized(self, what: str, layer: int, region: _Region, per_crop) -> torch.Tensor:
+        key = (what, layer, id(region))
+        if key not in self._regions:
+            crops = range(region.crops.start, region.crops.stop)
+            self._regions[key] = region.resize(torch.stack([per_crop(crop) for crop in crops]), self.crop_grid_tokens)
+        return self._regions[key]
+
     def cls_attention(self, layer: int, image: int) -> torch.Tensor:
         unit = self._unit(image)
+        if unit.region is not None:
+            resized = self._resized("cls", layer, unit.region, lambda c: self.probe.cls_attention(layer, c).T)
+            return resized[unit.patches.to(resized.device)].T
         attn = self.probe.cls_attention(layer, unit.crop)
         return attn[:, unit.patches.to(attn.device)]
 
     def global_attention(self, layer: int, image: int) -> torch.Tensor:
         unit = self._unit(image)
+        if unit.region is not None:
+            resized = self._resized("global", layer, unit.region, lambda c: self.probe.global_attention(layer, c)[:, None])
+            return resized[unit.patches.to(resized.device), 0]
         attn = self.probe.global_attention(layer, unit.crop)
         return attn[unit.patches.to(attn.device)]
 
     def keys(self, layer: int, image: int) -> torch.Tensor:
         unit = self._unit(image)
+        if unit.region is not None:
+            resized = self._resized("keys", layer, unit.region, lambda c: self.probe.keys(layer, c))
+            return resized[unit.patches.to(resized.device)]
         keys = self.probe.keys(layer, unit.crop)
         return keys[unit.patches.to(keys.device)]
 
 
-class LlavaNextIntegration(LlavaIntegration):
-    """LLaVA-NeXT anyres; see the module docstring for budget scopes, unpadding and output order.
+class AnyresCore(LlavaCore):
+    """The anyres packing of LLaVA-NeXT and LLaVA-OneVision (see the module docstring): crops, unpadding,
+    newlines, per-crop and global budgets, the packed output order. No in-encoder merging."""
 
-    Shares LLaVA-1.5's encoder run (CLIP tower with captured blocks), placeholders, embeddings and positions.
-    """
-
-    model_classes = ("LlavaNextForConditionalGeneration",)
-    default_positions = "compact"
     options = {"budget_scope": "per_crop"}
-    visual_kwargs = ("pixel_values",)
-    encoder_kwargs = ("image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
 
     def __init__(self, model: torch.nn.Module, pruner, **options) -> None:
         super().__init__(model, pruner, **options)
@@ -164,12 +205,6 @@ class LlavaNextIntegration(LlavaIntegration):
         if scope not in BUDGET_SCOPES:
             raise ConfigError(f"budget_scope must be one of {', '.join(map(repr, BUDGET_SCOPES))}; got {scope!r}")
         self.scope = scope
-
-    @classmethod
-    def matches(cls, model) -> bool:
-        from transformers import LlavaNextForConditionalGeneration
-
-        return isinstance(model, LlavaNextForConditionalGeneration)
 
     # ------------------------------------------------------------------ model facts
     @property
@@ -186,16 +221,18 @@ class LlavaNextIntegration(LlavaIntegration):
             best = max(best, grid_rows * (grid_cols + 1))
         return rows * cols + best
 
-    def validate(self) -> None:
-        strategy = self.model.config.vision_feature_select_strategy
+    def _check_strategy(self, strategy) -> None:
         if strategy != "default":
             raise UnsupportedModelError(
                 f"vision_feature_select_strategy={strategy!r} is not supported yet; vtprune supports 'default' "
                 "(patch tokens only, CLS dropped), which every LLaVA-NeXT checkpoint uses"
             )
+
+    def validate(self) -> None:
+        self._check_strategy(self.model.config.vision_feature_select_strategy)
         if not self._pinpoints:
-            raise UnsupportedModelError("this LLaVA-NeXT config has no image_grid_pinpoints (anyres is required)")
-        if self.scope == "per_crop":
+            raise UnsupportedModelError(f"this {type(self.model).__name__} config has no image_grid_pinpoints (anyres is required)")
+        if self.scope == "per_crop" and self.pruner.budget.is_set:
             # keep > 576 (a full crop) fails for every image: fail now.
             grid = self._grid()
             where = f"a crop of {type(self.model).__name__} (budget_scope='per_crop': keep applies to every crop)"
@@ -228,15 +265,7 @@ class LlavaNextIntegration(LlavaIntegration):
         `encode` is ``crop_batch`` + `run_encoder` + `reduce_anyres`; callers that cache the tower pass (the
         speed benchmark) run the three steps themselves.
         """
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-        image_sizes = inputs.get("image_sizes")
-        if image_sizes is None:
-            raise ValueError("LLaVA-NeXT needs image_sizes with pixel_values; pass the processor's output unchanged")
-        crop_size = self.model.config.vision_config.image_size
-        crops_per_image = [
-            image_size_to_num_patches(size, grid_pinpoints=self._pinpoints, patch_size=crop_size) for size in image_sizes
-        ]
+        crops_per_image = self.crops_per_image(inputs)
         pixel_values = inputs["pixel_values"]
         if pixel_values.dim() == 5:  # [images, max crops, C, H, W], padded: as the unpatched get_image_features
             pixel_values = torch.cat([pv[:count] for pv, count in zip(pixel_values, crops_per_image)], dim=0)
@@ -247,6 +276,16 @@ class LlavaNextIntegration(LlavaIntegration):
                 f"pixel_values holds {pixel_values.shape[0]} crops but image_sizes implies {sum(crops_per_image)}"
             )
         return pixel_values, crops_per_image
+
+    def crops_per_image(self, inputs: dict) -> list[int]:
+        """Crops the tower sees for each image of a call: the base crop and the sub-crops of its layout."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        image_sizes = inputs.get("image_sizes")
+        if image_sizes is None:
+            raise ValueError(f"{type(self.model).__name__} needs image_sizes with pixel_values; pass the processor's output unchanged")
+        crop_size = self.model.config.vision_config.image_size
+        return [image_size_to_num_patches(size, grid_pinpoints=self._pinpoints, patch_size=crop_size) for size in image_sizes]
 
     def layout(self, image_size, first_crop: int, crops: int) -> _Layout:
         """The packed sequence of one image whose crops start at `first_crop` of the tower batch."""
@@ -342,9 +381,7 @@ class LlavaNextIntegration(LlavaIntegration):
                 cache["p"] = projector(run.features)
             return cache["p"]
 
-        def gather(unit: _Unit, tensor: torch.Tensor) -> torch.Tensor:
-            return tensor[unit.crop][unit.patches.to(tensor.device)]
-
+        gather = self.unit_gatherer()
         unit_list = [unit for _, _, unit in units]
         reduced = reduce_images(
             self.pruner,
@@ -352,7 +389,7 @@ class LlavaNextIntegration(LlavaIntegration):
             [unit.grid for unit in unit_list],
             run.info,
             project=projector,
-            probe=_CropProbe(ClipAttentionProbe(self._blocks, run.block_inputs, visual=slice(1, None)), unit_list),
+            probe=_CropProbe(ClipAttentionProbe(self._blocks, run.block_inputs, visual=self._patch_slice), unit_list, self._grid()),
             cls_features=None if run.cls_features is None else [run.cls_features[unit.crop] for unit in unit_list],
             projected=lambda: [gather(unit, batch_projection()) for unit in unit_list],
             budgets=[budgets[i][u] for i, u, _ in units],
@@ -370,6 +407,21 @@ class LlavaNextIntegration(LlavaIntegration):
             stats.append(stat)
         _synchronize(device)
         return EncodedImages(embeds=embeds, order=orders, stats=stats, selection_seconds=time.perf_counter() - started)
+
+    def unit_gatherer(self):
+        """``gather(unit, per_crop)``: a unit's tokens of a per-crop tensor ``[crops, rows * cols, C]`` (a resized
+        region is resized once per tensor)."""
+        resized: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def gather(unit: _Unit, tensor: torch.Tensor) -> torch.Tensor:
+            if unit.region is None:
+                return tensor[unit.crop][unit.patches.to(tensor.device)]
+            key = (id(unit.region), id(tensor))
+            if key not in resized:
+                resized[key] = (tensor, unit.region.resize(tensor[unit.region.crops], self._grid()))
+            return resized[key][1][unit.patches.to(tensor.device)]
+
+        return gather
 
     def _assemble(self, layout: _Layout, results, reduced: EncodedImages, newline: torch.Tensor, budgets: list[int]):
         """One image's output: base crop in the pruner's order, then the sub-crop region in packed order."""
@@ -438,6 +490,25 @@ class LlavaNextIntegration(LlavaIntegration):
             extra={"crop_tokens": crop_tokens, "newlines": rows, "source_crop": source_crop, "budget_scope": self.scope},
         )
         return embed, order, stat
+
+
+
+class LlavaNextIntegration(LlavaMerging, AnyresCore):
+    """LLaVA-NeXT anyres; see the module docstring for budget scopes, unpadding and output order.
+
+    Shares LLaVA-1.5's encoder run (CLIP tower with captured blocks), placeholders, embeddings and positions,
+    and its in-encoder merging (DyMU), crop by crop.
+    """
+
+    model_classes = ("LlavaNextForConditionalGeneration",)
+    visual_kwargs = ("pixel_values",)
+    encoder_kwargs = ("image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
+
+    @classmethod
+    def matches(cls, model) -> bool:
+        from transformers import LlavaNextForConditionalGeneration
+
+        return isinstance(model, LlavaNextForConditionalGeneration)
 
     # ------------------------------------------------------------------ in-encoder merging (DyMU and alike)
     def _crops(self, pixel_values: torch.Tensor, image_sizes) -> tuple[torch.Tensor, list[int]]:

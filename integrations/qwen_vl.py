@@ -42,13 +42,12 @@ from dataclasses import dataclass
 import torch
 
 from vtprune.attention import received_attention
-from vtprune.budget import Budget
 from vtprune.capture import capture_calls
-from vtprune.errors import BudgetError, ConfigError, MissingCLSError
+from vtprune.errors import MissingCLSError
 from vtprune.integration import EncodedImages, VLMIntegration, reduce_images
 from vtprune.tokens import EncoderInfo, ImageStats
 
-VIDEO_SCOPES = ("video", "frame")
+from .common.video import VIDEO_OPTIONS, VideoBudget, in_prompt_order
 
 @dataclass
 class QwenEncoderRun:
@@ -183,16 +182,11 @@ class QwenVLIntegration(VLMIntegration):
     visual_kwargs = ("pixel_values", "pixel_values_videos")
     encoder_kwargs = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
     token_kwargs = {"labels": -100, "mm_token_type_ids": 0}
-    options = {"video_keep": None, "video_ratio": None, "video_scope": "video"}
+    options = dict(VIDEO_OPTIONS)
 
     def __init__(self, model: torch.nn.Module, pruner, **options) -> None:
         super().__init__(model, pruner, **options)
-        scope = self.settings["video_scope"]
-        if scope not in VIDEO_SCOPES:
-            raise ConfigError(f"video_scope must be one of {', '.join(map(repr, VIDEO_SCOPES))}; got {scope!r}")
-        self.video_budget = Budget(keep=self.settings["video_keep"], ratio=self.settings["video_ratio"], label="video_")
-        if not self.video_budget.is_set and pruner.budget.ratio is not None:
-            self.video_budget = Budget(ratio=pruner.budget.ratio)  # ratio applies to videos too
+        self.video_budget = VideoBudget(self.settings, pruner.budget)
 
     @classmethod
     def matches(cls, model) -> bool:
@@ -246,33 +240,13 @@ class QwenVLIntegration(VLMIntegration):
         return self.reduce_visuals(runs, visuals, budgets)
 
     def _in_prompt_order(self, input_ids: torch.Tensor, grids: dict, merge: int) -> list[_Visual]:
-        """The call's images and videos in the order their placeholder runs appear (row by row), which is how
-        `find_image_slots` assigns placeholders; images and videos each keep their processor order."""
+        """The call's images and videos in the order their placeholder runs appear (row by row)."""
         pending = {
             modality: [_Visual(modality, i, (t, h // merge, w // merge)) for i, (t, h, w) in enumerate(grid.tolist())]
             for modality, grid in grids.items()
         }
-        given = {modality: sum(v.tokens for v in visuals) for modality, visuals in pending.items()}
         token_ids = {"image": self.model.config.image_token_id, "video": self.model.config.video_token_id}
-        sequence = input_ids[self.placeholder_mask(input_ids)].tolist()  # row-major
-        ordered, position = [], 0
-        while position < len(sequence):
-            modality = "image" if sequence[position] == token_ids["image"] else "video"
-            if not pending.get(modality):
-                break
-            visual = pending[modality].pop(0)
-            if sequence[position : position + visual.tokens] != [token_ids[modality]] * visual.tokens:
-                break
-            ordered.append(visual)
-            position += visual.tokens
-        if position != len(sequence) or any(pending.values()):
-            counts = {m: int((input_ids == token_ids[m]).sum()) for m in token_ids}
-            raise ValueError(
-                f"the prompts hold {counts['image']} image and {counts['video']} video placeholder tokens, but the "
-                f"pixel inputs give {given.get('image', 0)} image and {given.get('video', 0)} video tokens, or in "
-                "another arrangement; pass the processor's full output for these prompts"
-            )
-        return ordered
+        return in_prompt_order(input_ids, self.placeholder_mask(input_ids), token_ids, pending)
 
     def _budgets(self, visuals: list[_Visual]) -> list[list[int]]:
         """Per visual, the tokens kept per selection: one selection per image and per clip (``video_scope="video"``)
@@ -285,23 +259,7 @@ class QwenVLIntegration(VLMIntegration):
                 continue
             t, h, w = visual.grid
             where = f"video {visual.index} ({t} temporal groups of {h}x{w} tokens)"
-            if not self.video_budget.is_set:
-                raise BudgetError(
-                    f"{self.pruner.budget} is a per-image budget and says nothing about {where}: pass video_keep="
-                    "<tokens per video> or video_ratio=<(0, 1]> to vtprune.apply, or a ratio for images and videos alike"
-                )
-            if self.settings["video_scope"] == "video":
-                budgets.append([self.video_budget.resolve(visual.tokens, where=where)])
-            elif self.video_budget.keep is not None:
-                if self.video_budget.keep % t:
-                    raise BudgetError(
-                        f"video_keep={self.video_budget.keep} does not split evenly over the {t} temporal groups of "
-                        f"{where} (video_scope='frame'): use a multiple of {t}, video_ratio, or video_scope='video'"
-                    )
-                share = Budget(keep=self.video_budget.keep // t, label="per-group video_").resolve(h * w, where=f"each temporal group of {where}")
-                budgets.append([share] * t)
-            else:
-                budgets.append([self.video_budget.resolve(h * w, where=f"each temporal group of {where}")] * t)
+            budgets.append(self.video_budget.split(t, h * w, where, unit="temporal group"))
             grid = (t * h, w) if len(budgets[-1]) == 1 else (h, w)
             for keep in set(budgets[-1]):
                 self.pruner.check(keep, grid)

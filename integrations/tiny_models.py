@@ -352,3 +352,102 @@ TINY_BUILDERS = {
 }
 """Family name (``model.family`` of the tiny model configs, ``tiny:<family>`` of vtprune-calibrate) -> ``seed ->
 (model, processor)``."""
+
+
+# ---------------------------------------------------------------------------------------------- LLaVA-OneVision
+__all__ += ["tiny_llava_onevision", "ONEVISION_CHAT_TEMPLATE", "TINY_ONEVISION_PINPOINTS"]
+
+ONEVISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'video' %}<video>\n"
+    "{% else %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+TINY_ONEVISION_PINPOINTS = tuple((98 * h, 98 * w) for h in (1, 2, 3) for w in (1, 2, 3))
+"""Anyres resolutions (height, width) of `tiny_llava_onevision`: up to 3 x 3 sub-crops of 98 px."""
+
+
+def tiny_llava_onevision(
+    seed: int = 0,
+    image_size: int = 98,
+    patch_size: int = 14,
+    grid_pinpoints=TINY_ONEVISION_PINPOINTS,
+    vision_aspect_ratio: str = "anyres_max_4",
+    vision_layers: int = 6,
+    vision_width: int = 32,
+    text_layers: int = 2,
+    text_width: int = 64,
+    attn_implementation: str = "sdpa",
+):
+    """A random-weight `LlavaOnevisionForConditionalGeneration` and a matching `LlavaOnevisionProcessor`.
+
+    The real glue at a small scale: a SigLIP tower (no CLS, ``vision_feature_select_strategy="full"``) on 98 px
+    crops of 7 x 7 patches (odd, as the real 27 x 27, so video pooling rounds up: 4 x 4 per frame), anyres up to
+    3 x 3 sub-crops with ``anyres_max_4``, so layouts of more than about 4 crops are resized as the real model
+    resizes those above 9, a Qwen2 LLM, and the video path (pooled frames, one newline per video). Returns
+    ``(model, processor)``; eval mode, float32, CPU.
+    """
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor, Qwen2Config, SiglipVisionConfig
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+    from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
+
+    specials = ["<image>", "<video>", "<|im_start|>", "<|im_end|>"]
+    tokenizer = byte_level_tokenizer(specials, chat_template=ONEVISION_CHAT_TEMPLATE, pad_token="<pad>", eos_token="<|im_end|>")
+    pinpoints = [list(p) for p in grid_pinpoints]
+    vision_config = SiglipVisionConfig(
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_size=vision_width,
+        intermediate_size=2 * vision_width,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=4,
+        vision_use_head=False,
+    )
+    text_config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=text_width,
+        intermediate_size=2 * text_width,
+        num_hidden_layers=text_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio=vision_aspect_ratio,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config)
+    _finish(model, tokenizer, attn_implementation, seed)
+    with torch.no_grad():  # the newline vector is 1-D, so _init_std leaves it at transformers' small default
+        generator = torch.Generator().manual_seed(seed + 1)
+        newline = model.model.image_newline
+        newline.copy_(torch.randn(newline.shape, generator=generator) * 0.2)
+
+    size = {"height": image_size, "width": image_size}
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessorPil(size=size, image_grid_pinpoints=pinpoints),
+        tokenizer=tokenizer,
+        video_processor=LlavaOnevisionVideoProcessor(size=size),
+        num_image_tokens=(image_size // patch_size) ** 2,
+        vision_feature_select_strategy="full",
+        chat_template=ONEVISION_CHAT_TEMPLATE,
+        vision_aspect_ratio=vision_aspect_ratio,
+    )
+    return model, processor
+
+
+TINY_BUILDERS["llava_onevision"] = lambda seed: tiny_llava_onevision(seed=seed)

@@ -310,7 +310,9 @@ def test_the_families_are_registered_through_entry_points():
     assert points == {
         "llava": "vtprune.integrations.llava:LlavaIntegration",
         "llava_next": "vtprune.integrations.llava_next:LlavaNextIntegration",
+        "llava_onevision": "vtprune.integrations.llava_onevision:LlavaOnevisionIntegration",
         "qwen_vl": "vtprune.integrations.qwen_vl:QwenVLIntegration",
         "timm_vit": "vtprune.integrations.timm_vit:TimmViTIntegration",
     }
     assert "Qwen2_5_VLForConditionalGeneration" in supported_model_classes()
+    assert "LlavaOnevisionForConditionalGeneration" in supported_model_classes()

@@ -22,6 +22,7 @@ from vtprune.integrations.lmms_eval import MODELS, PruneSettings, pop_vtprune_ar
 
 RECORDS = 12
 TASK = "vtprune_synthetic_e2e"
+VIDEO_TASK = "vtprune_synthetic_video_e2e"  # the same records, each image as a 4-frame clip of shifted copies
 
 TASK_YAML = """\
 task: {task}
@@ -67,6 +68,13 @@ def doc_to_text(doc):
 
 def process_results(doc, results):
     return {"exact_match": float(is_correct(results[0], doc["answer"]))}
+
+
+def doc_to_video(doc):
+    import numpy as np
+
+    frame = np.asarray(doc_to_visual(doc)[0])
+    return [np.stack([np.roll(frame, 8 * shift, axis=1) for shift in range(4)])]  # [frames, height, width, 3]
 '''
 
 
@@ -225,11 +233,11 @@ def workspace(tmp_path_factory):
     from transformers import AutoProcessor
     from vtprune.eval.synthetic import generate, to_parquet
 
-    from vtprune.integrations.tiny_models import tiny_llava, tiny_qwen_vl
+    from vtprune.integrations.tiny_models import tiny_llava, tiny_llava_onevision, tiny_qwen_vl
 
     root = tmp_path_factory.mktemp("lmms_eval")
     models = {}
-    for name, build in (("llava", tiny_llava), ("qwen2_vl", lambda: tiny_qwen_vl("2"))):
+    for name, build in (("llava", tiny_llava), ("qwen2_vl", lambda: tiny_qwen_vl("2")), ("llava_onevision", tiny_llava_onevision)):
         model, processor = build()
         folder = root / name
         model.save_pretrained(folder)
@@ -247,11 +255,13 @@ def workspace(tmp_path_factory):
     tasks.mkdir()
     parquet = to_parquet(generate(RECORDS, seed=0), root / "synthetic.parquet")
     (tasks / f"{TASK}.yaml").write_text(TASK_YAML.format(task=TASK, parquet=parquet.resolve()))
+    video_yaml = TASK_YAML.format(task=VIDEO_TASK, parquet=parquet.resolve()).replace("utils.doc_to_visual", "utils.doc_to_video")
+    (tasks / f"{VIDEO_TASK}.yaml").write_text(video_yaml)
     (tasks / "utils.py").write_text(TASK_UTILS)
     return root, models, tasks
 
 
-def run_lmms_eval(workspace, name: str, model: str, model_args: str, *extra: str) -> tuple[dict, list[dict], str]:
+def run_lmms_eval(workspace, name: str, model: str, model_args: str, *extra: str, task: str = TASK) -> tuple[dict, list[dict], str]:
     root, _, tasks = workspace
     output = root / f"out_{name}"
     env = dict(
@@ -267,7 +277,7 @@ def run_lmms_eval(workspace, name: str, model: str, model_args: str, *extra: str
         sys.executable, "-m", "lmms_eval",
         "--model", model,
         "--model_args", model_args,
-        "--tasks", TASK,
+        "--tasks", task,
         "--include_path", str(tasks),
         "--device", "cpu",
         "--output_path", str(output),
@@ -280,7 +290,7 @@ def run_lmms_eval(workspace, name: str, model: str, model_args: str, *extra: str
     # lmms-eval's CLI prints the traceback and exits 0 when the evaluation fails: the files are the proof.
     results_files = glob.glob(str(output / "**" / "*_results.json"), recursive=True)
     assert len(results_files) == 1, log[-6000:]
-    samples_files = glob.glob(str(output / "**" / f"*_samples_{TASK}.jsonl"), recursive=True)
+    samples_files = glob.glob(str(output / "**" / f"*_samples_{task}.jsonl"), recursive=True)
     assert len(samples_files) == 1, log[-6000:]
     results = json.loads(Path(results_files[0]).read_text())
     samples = [json.loads(line) for line in Path(samples_files[0]).read_text().splitlines() if line.strip()]
@@ -347,3 +357,32 @@ def test_cli_qwen2_vl_batched(workspace):
     assert "VTPruneQwen2VL" in results["config"]["model_backend"]
     assert len(samples) == 8 and "exact_match,none" in results["results"][TASK]
     check_summary(results, images=8, tokens_in=144, tokens_out=16)
+
+
+def test_cli_llava_onevision_images_batched(workspace):
+    """vtprune_llava_onevision on images: the synthetic 336 x 336 images take a 3x3 layout of 98 px crops, whose
+    21 x 21 grid anyres_max_4 resizes to 14 x 14: 49 + 14 x 15 = 259 tokens; per_crop keep=8 keeps 8 of the base
+    crop and of each of the 9 sub-crops (their rectangles of the resized grid) plus the 14 newlines."""
+    _, models, _ = workspace
+    results, samples, log = run_lmms_eval(
+        workspace, "onevision", "vtprune_llava_onevision", f"pretrained={models['llava_onevision']},pruner=divprune,keep=8",
+        "--batch_size", "4", "--limit", "8",
+    )  # fmt: skip
+    assert "VTPruneLlavaOnevisionChat" in results["config"]["model_backend"]
+    assert len(samples) == 8 and "exact_match,none" in results["results"][TASK]
+    check_summary(results, images=8, tokens_in=259, tokens_out=8 * 10 + 14)
+    assert all(s["token_counts"][0]["visual_tokens_out"] == [94] for s in samples)
+
+
+def test_cli_llava_onevision_video_simple_class(workspace):
+    """A video task offline (doc_to_visual returns decoded frames): 4 frames x 16 pooled tokens + the newline."""
+    _, models, _ = workspace
+    results, samples, log = run_lmms_eval(
+        workspace, "onevision_video", "vtprune_llava_onevision",
+        f"pretrained={models['llava_onevision']},pruner=fastervlm,keep=8,pruner_video_keep=16,pruner_video_scope=frame",
+        "--batch_size", "3", "--limit", "6", "--force_simple", task=VIDEO_TASK,
+    )  # fmt: skip
+    assert "VTPruneLlavaOnevision (simple)" in results["config"]["model_backend"]
+    assert len(samples) == 6 and "exact_match,none" in results["results"][VIDEO_TASK]
+    check_summary(results, images=6, tokens_in=65, tokens_out=17)
+    assert all(s["token_counts"][0]["visual_tokens_in"] == [65] for s in samples)

@@ -182,3 +182,33 @@ def test_next_case_is_the_unpatched_model(speed):
     order = torch.randperm(2927, generator=torch.Generator().manual_seed(0))[:100]  # order + 1 stays in range
     torch.testing.assert_close(case.expected_visual(cache, order), packed[order])
     assert not torch.allclose(case.expected_visual(cache, order + 1), packed[order])
+
+
+# ---------------------------------------------------------------------------------------------- video
+VIDEO_FAMILIES = {"qwen2-vl-2b-video": (2048, (512, 205), 0), "llava-onevision-0.5b-video": (1569, (392, 156), 1)}
+"""family -> (visual tokens of the clip, budgets, tokens the LLM gets on top of the budget: OneVision's newline)."""
+
+
+@pytest.fixture(scope="module")
+def video_run(speed, tmp_path_factory):
+    out = tmp_path_factory.mktemp("speed_video")
+    argv = ["--tiny", "--families", *VIDEO_FAMILIES, "--pruners", "fastervlm", "divprune", "pool", "--repeats", "1",
+            "--threads", "1", "--quiet", "--out", str(out)]
+    return speed.main(argv)
+
+
+def test_video_cases_are_opt_in(speed):
+    assert not set(VIDEO_FAMILIES) & set(speed.parse_args([]).families)
+
+
+def test_video_cases_every_row_is_the_unpatched_model_on_the_kept_tokens(video_run):
+    by_family = {f["name"]: f for f in video_run["families"]}
+    assert set(by_family) == set(VIDEO_FAMILIES)
+    for name, (tokens, budgets, extra) in VIDEO_FAMILIES.items():
+        assert by_family[name]["tokens_per_image"] == tokens and by_family[name]["skipped"] == []
+        rows = [r for r in video_run["rows"] if r["family"] == name]
+        assert {(r["pruner"], r["keep"]) for r in rows} == {(p, k) for p in ("fastervlm", "divprune", "pool") for k in budgets}
+        for row in rows:
+            assert row["tokens_in"] == tokens and row["tokens_out"] == row["keep"] + extra
+            assert row["identity_check"] is True, (name, row["pruner"], row["keep"], row["identity_detail"])
+            assert row["pruned_tflops"] < row["unpruned_tflops"]

@@ -102,6 +102,7 @@ def reduce_images(
     cls_features: Sequence[torch.Tensor | None] | None = None,
     projected: Callable[[], Sequence[torch.Tensor]] | None = None,
     budgets: Sequence[int] | None = None,
+    gather_projected: bool = False,
 ) -> EncodedImages:
     """Run `pruner` on each image and return LLM-space embeddings of the surviving tokens.
 
@@ -112,6 +113,9 @@ def reduce_images(
             (integrations project the whole batch at once, as the unpatched model does, so that keeping every
             token is bit-exact).
         budgets: tokens to keep per image; default: the pruner's own budget resolved per image.
+        gather_projected: selected tokens always come from `projected`, never from projecting `features`: for
+            families whose LLM tokens are mixed after the projector (pooled or resized), so that the projection
+            of a feature is not the LLM's token.
     """
     cache: dict[str, Sequence[torch.Tensor]] = {}
 
@@ -140,7 +144,7 @@ def reduce_images(
         _check_reduction(pruner, reduction, n, keep)
         if reduction.features is None:
             order = reduction.order.to(feats.device)
-            if "p" in cache or keep == n:
+            if "p" in cache or keep == n or gather_projected:
                 # Already projected for the pruner, or keep-all: gather from the batch projection, which is
                 # bit-identical to the unpatched model's.
                 gathered = all_projected()[i][order]

@@ -1,5 +1,5 @@
 """The benchmarked model families at their published geometry (random weights): the `Case` base, one subclass per
-family (`LlavaCase`, `QwenCase`, `LlavaNextCase`), `CASES`, `DEFAULT_FAMILIES`, and the FLOPs of a geometry
+family (`LlavaCase`, `QwenCase`, `LlavaNextCase`, `QwenVideoCase`, `OnevisionVideoCase`), `CASES`, `DEFAULT_FAMILIES`, and the FLOPs of a geometry
 (`vtprune.flops.prefill_flops`, `FLOPS_CONVENTION`). To add a family, subclass `Case` here and list it in `CASES`.
 """
 
@@ -515,8 +515,102 @@ class LlavaNextCase(LlavaCase):
         return self.geometry["vision"]["heads"] * self._crops, 577
 
 
+class OnevisionVideoCase(Case):
+    """LLaVA-OneVision-0.5B (llava-onevision-qwen2-0.5b-ov geometry) on a video: SigLIP so400m (26 blocks, width
+    1152, 384 px, 27 x 27 patches) + Qwen2-0.5B (reduced depth, full depth 24). 8 frames: each frame's 729 tokens
+    projected and pooled to 14 x 14 = 196, then one newline after the video: 8 x 196 + 1 = 1569 tokens. One
+    selection over the whole clip (``video_scope="video"``); budgets 392 / 156 (25 % / 10 % of the 1568 pooled
+    tokens) as ``video_keep``, the newline kept on top."""
+
+    name = "llava-onevision-0.5b-video"
+    label = "LLaVA-OneVision-0.5B video (8 frames at 384x384: SigLIP so400m, Qwen2-0.5B)"
+    budgets = (392, 156)  # 25 % and 10 %: 156 = 12 x 13, so pool tiles it on the 112 x 14 clip
+    full_layers = 24
+    image_token_id = 151647  # <video>: the placeholder this case splices (llava-hf: <image> = 151646)
+    frames = 8
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        width, inter, layers, heads = (32, 64, 4, 4) if self.tiny else (1152, 4304, 26, 16)
+        hidden, ffn, text_heads, kv = (64, 128, 4, 2) if self.tiny else (896, 4864, 14, 2)
+        self.hidden, self.ffn, self.kv_heads, self.head_dim = hidden, ffn, kv, hidden // text_heads
+        self.geometry = {
+            "vision": {"model": "SigLIP (so400m geometry)", "image_size": 384, "patch_size": 14, "hidden": width,
+                       "intermediate": inter, "layers": layers, "heads": heads, "frames": self.frames,
+                       "pooled_grid": [14, 14]},
+            "projector": f"{width} -> {hidden} -> {hidden} (GELU)",
+            "llm": {"model": "Qwen2 (Qwen2-0.5B geometry)", "hidden": hidden, "intermediate": ffn, "heads": text_heads,
+                    "kv_heads": kv, "vocab": 152000, "layers_run": self.llm_layers, "layers_full": self.full_layers,
+                    "tie_word_embeddings": True},
+        }
+
+    def integration_class(self):
+        from vtprune.integrations.llava_onevision import LlavaOnevisionIntegration
+
+        return LlavaOnevisionIntegration
+
+    def budget_options(self, keep: int) -> dict[str, Any]:
+        return {"keep": 1, "video_keep": keep}  # keep (images) is unused: the call has only the video
+
+    def tokens_per_image(self) -> int:
+        return self.frames * 14 * 14 + 1
+
+    def build(self):
+        from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+
+        v, t = self.geometry["vision"], self.geometry["llm"]
+        vision = SiglipVisionConfig(
+            image_size=384, patch_size=14, hidden_size=v["hidden"], intermediate_size=v["intermediate"],
+            num_hidden_layers=v["layers"], num_attention_heads=v["heads"], vision_use_head=False,
+        )
+        text = Qwen2Config(
+            vocab_size=t["vocab"], hidden_size=t["hidden"], intermediate_size=t["intermediate"],
+            num_hidden_layers=self.llm_layers, num_attention_heads=t["heads"], num_key_value_heads=t["kv_heads"],
+            max_position_embeddings=32768, tie_word_embeddings=True,
+        )
+        config = LlavaOnevisionConfig(
+            vision_config=vision, text_config=text, image_token_id=151646, video_token_id=self.image_token_id,
+            vision_feature_layer=-1, vision_feature_select_strategy="full", tie_word_embeddings=True,
+        )
+        self.model = self._construct(LlavaOnevisionForConditionalGeneration, config)
+        return self.model
+
+    def inputs(self) -> dict:
+        g = torch.Generator().manual_seed(1)
+        before = min(4, self.text_tokens)  # "<|im_start|>user\n<video>\n{question}<|im_end|>..."
+        ids = torch.cat([
+            self._text_ids(before, 150000, g),
+            torch.full((self.tokens_per_image(),), self.image_token_id),
+            self._text_ids(self.text_tokens - before, 150000, g),
+        ])[None]
+        return {
+            "input_ids": ids.to(self.device),
+            "attention_mask": torch.ones_like(ids).to(self.device),
+            "pixel_values_videos": torch.randn(1, self.frames, 3, 384, 384, generator=g).to(self.device, self.dtype),
+        }
+
+    def encode_once(self, integration, inputs: dict, attention_layers: set[int]) -> RunCache:
+        return RunCache(integration.run_encoder(inputs["pixel_values_videos"].flatten(0, 1), -1, attention_layers))
+
+    def _unpatched_video(self, cache: RunCache) -> torch.Tensor:
+        """What the unpatched get_video_features does after its tower: projector, per-frame pooling, the newline."""
+        inner = self.model.model
+        pooled = inner.apply_pooling(inner.multi_modal_projector(cache.run.features)).flatten(0, 1)
+        return torch.cat([pooled, inner.image_newline[None].to(pooled.dtype)])
+
+    def unpruned_llm_inputs(self, inputs: dict, cache: RunCache) -> dict:
+        return {"inputs_embeds": self._splice(inputs["input_ids"], self._unpatched_video(cache)), "attention_mask": inputs["attention_mask"]}
+
+    def expected_visual(self, cache: RunCache, order: torch.Tensor) -> torch.Tensor:
+        return self._unpatched_video(cache)[order.to(self.device)]
+
+    def score_heads_and_length(self) -> tuple[int, int]:
+        return self.geometry["vision"]["heads"] * self.frames, 729  # the tower attends within each frame
+
+
 CASES: dict[str, type[Case]] = {
     "llava-1.5-7b": LlavaCase, "qwen2-vl-2b": QwenCase, "llava-next-7b": LlavaNextCase, "qwen2-vl-2b-video": QwenVideoCase,
+    "llava-onevision-0.5b-video": OnevisionVideoCase,
 }
 """Benchmarked families."""
 

@@ -1,6 +1,6 @@
 """lmms-eval plugin: lmms-eval's own LLaVA-HF, Qwen2-VL and Qwen2.5-VL models with vtprune patched in.
 
-Installing vtprune registers three models with lmms-eval (entry-point group ``lmms_eval.models``, lmms-eval
+Installing vtprune registers four models with lmms-eval (entry-point group ``lmms_eval.models``, lmms-eval
 0.6+). Each one subclasses lmms-eval's class of the same family, pops vtprune's arguments from ``--model_args``
 before delegating to it, and patches the model it loaded with `vtprune.apply`:
 
@@ -9,6 +9,7 @@ before delegating to it, and patches the model it loaded with `vtprune.apply`:
 ==========================  =====================================================  ======================
 ``vtprune_llava_hf``        ``llava_hf`` (both)                                    LLaVA-1.5 (and what
                                                                                    ``llava_hf`` loads)
+``vtprune_llava_onevision`` ``llava_hf`` (both), images and videos                 LLaVA-OneVision
 ``vtprune_qwen2_vl``        ``qwen2_vl`` (simple only, as in lmms-eval)            Qwen2-VL
 ``vtprune_qwen2_5_vl``      ``qwen2_5_vl`` (both)                                  Qwen2.5-VL
 ==========================  =====================================================  ======================
@@ -48,7 +49,11 @@ Batches: lmms-eval's LLaVA-HF classes are batch-size-1 only; the vtprune ones ov
 a batched version (left padding, ``padding=True``, one ``generate`` per batch, ``until`` stop strings cut,
 ``max_new_tokens`` / ``temperature`` / ``top_p`` / ``num_beams`` from the task, lmms-eval's ``Collator``
 ordering and ``cache_hook``), and ``loglikelihood`` with one that stays correct when the prompt is shortened.
-Image and text requests only: a video request raises ``NotImplementedError``. lmms-eval's Qwen classes already
+``vtprune_llava_hf`` takes image and text requests (a video raises ``NotImplementedError``);
+``vtprune_llava_onevision`` takes videos too: a video path is read with lmms-eval's ``load_video``
+(``max_frames_num`` frames, default 32, ``decord``), an array of frames ``[F, H, W, 3]`` returned by a task's
+``doc_to_visual`` is used as it is, and ``pruner_video_keep`` / ``pruner_video_ratio`` / ``pruner_video_scope``
+set the video budget (a per-image ``keep`` alone is refused on a video). lmms-eval's Qwen classes already
 batch and are used as they are (Qwen2-VL's tokenizer is switched to left padding, which batched generation
 needs); the Qwen integration prunes video tokens too, with ``pruner_video_keep`` / ``pruner_video_ratio`` /
 ``pruner_video_scope`` (lmms-eval reads the videos itself, with ``decord``; that path is not in the offline
@@ -73,7 +78,7 @@ The package, one module a concern and one short module a family:
 - ``settings``: vtprune's ``--model_args`` (`pop_vtprune_args`, `PruneSettings`), checked before a model loads;
 - ``base``: vtprune's part of every class (patching, statistics, ``clean``); ``token_stats``: the statistics;
 - ``batched_llava``: the batched LLaVA-HF loops; ``loading``: importing lmms-eval's model modules;
-- ``llava_hf``, ``qwen2_vl``, ``qwen2_5_vl``: the model classes, each a few lines;
+- ``llava_hf``, ``llava_onevision``, ``qwen2_vl``, ``qwen2_5_vl``: the model classes, each a few lines;
 - ``check``: does the installed lmms-eval run its evaluator (``python -m vtprune.integrations.lmms_eval.check``).
 
 Importing this package needs neither lmms-eval nor a model: lmms-eval's registry imports a family module
@@ -94,6 +99,7 @@ __all__ = ["MODELS", "OPTION_PREFIX", "PruneSettings", "manifests", "pop_vtprune
 
 MODELS: dict[str, tuple[str, str | None]] = {
     "vtprune_llava_hf": ("llava_hf.VTPruneLlavaHf", "llava_hf.VTPruneLlavaHfChat"),
+    "vtprune_llava_onevision": ("llava_onevision.VTPruneLlavaOnevision", "llava_onevision.VTPruneLlavaOnevisionChat"),
     "vtprune_qwen2_vl": ("qwen2_vl.VTPruneQwen2VL", None),
     "vtprune_qwen2_5_vl": ("qwen2_5_vl.VTPruneQwen2_5_VL", "qwen2_5_vl.VTPruneQwen2_5_VLChat"),
 }

@@ -10,7 +10,20 @@ from dataclasses import dataclass, field
 
 from lmms_eval.api.instance import TokenCounts
 
-__all__ = ["BatchedLlava", "LlavaChatLoop", "LlavaSimpleLoop", "VisualTokenCounts"]
+__all__ = ["BatchedLlava", "LlavaChatLoop", "LlavaSimpleLoop", "VideoFrames", "VisualTokenCounts"]
+
+
+@dataclass
+class VideoFrames:
+    """One video of a request, decoded: ``[frames, height, width, 3]`` (what lmms-eval's ``load_video`` returns)."""
+
+    frames: object
+
+
+def split_media(visuals: list) -> tuple[list, list]:
+    """Images and decoded videos of a batch, each in order."""
+    videos = [v.frames for v in visuals if isinstance(v, VideoFrames)]
+    return [v for v in visuals if not isinstance(v, VideoFrames)], videos
 
 
 @dataclass
@@ -29,6 +42,10 @@ class VisualTokenCounts(TokenCounts):
 
 class BatchedLlava:
     """Batched ``generate_until`` and a pruning-safe ``loglikelihood`` for lmms-eval's LLaVA-HF classes."""
+
+    accepts_video = False
+    """Whether the family's model takes videos (LLaVA-OneVision): a video visual is then decoded and passed as
+    ``videos=`` to the processor; otherwise it is refused."""
 
     def __init__(self, *args, **kwargs) -> None:
         # lmms-eval's LLaVA-HF passes its default device_map="" to from_pretrained on a single process, which
@@ -52,12 +69,14 @@ class BatchedLlava:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def _vtprune_generate(self, texts: list[str], images: list, gen_kwargs: dict) -> tuple[list[str], list]:
-        """One batched generate. Returns the decoded continuations and a token-counts object per row."""
+        """One batched generate (`images`: the batch's images and `VideoFrames`, in order). Returns the decoded
+        continuations and a token-counts object per row."""
         import torch
 
         processor = self._image_processor
         processor.tokenizer.padding_side = "left"
-        inputs = processor(images=images or None, text=texts, padding=True, return_tensors="pt")
+        images, videos = split_media(images)
+        inputs = processor(images=images or None, videos=videos or None, text=texts, padding=True, return_tensors="pt")
         inputs = inputs.to(self._device, self.model.dtype)
         temperature = gen_kwargs.get("temperature", 0) or 0
         do_sample = float(temperature) > 0
@@ -123,22 +142,45 @@ class BatchedLlava:
                 text = text.split(stop)[0]
         return text
 
-    @staticmethod
-    def _vtprune_split_visuals(visuals, where: str) -> list:
+    def _vtprune_split_visuals(self, visuals, where: str) -> list:
+        """The request's images, and with `accepts_video` its videos as `VideoFrames` (a path is read with
+        lmms-eval's ``load_video``, ``max_frames_num`` frames; an array of frames is taken as it is)."""
         from PIL import Image
 
-        images = []
+        media = []
         for visual in visuals or []:
             if visual is None:
                 continue
             if isinstance(visual, Image.Image):
-                images.append(visual)
+                media.append(visual)
+            elif self.accepts_video and isinstance(visual, str):
+                media.append(VideoFrames(self.load_video(visual, self.max_frames_num)))
+            elif self.accepts_video and getattr(visual, "ndim", None) == 4:
+                media.append(VideoFrames(visual))
+            elif self.accepts_video:
+                raise TypeError(
+                    f"{where}: a visual is a PIL image, a video path or a [frames, height, width, 3] array; got a "
+                    f"{type(visual).__name__}"
+                )
             else:
                 raise NotImplementedError(
                     f"{where}: vtprune's LLaVA-HF models evaluate images and text; got a {type(visual).__name__} "
-                    "visual (a video?). Use lmms-eval's own llava_hf for video tasks."
+                    "visual (a video?). Use vtprune_llava_onevision for video tasks on LLaVA-OneVision."
                 )
-        return images
+        return media
+
+    @staticmethod
+    def _vtprune_placeholders(context: str, media: list) -> str:
+        """Prepend the image / video tokens a prompt lacks (e.g. MME writes none), as lmms-eval's LLaVA-HF does."""
+        from lmms_eval.models.simple.llava_hf import DEFAULT_IMAGE_TOKEN, DEFAULT_VIDEO_TOKEN
+
+        images, videos = split_media(media)
+        prefix = []
+        if images and DEFAULT_IMAGE_TOKEN not in context:
+            prefix.append(" ".join([DEFAULT_IMAGE_TOKEN] * len(images)))
+        if videos and DEFAULT_VIDEO_TOKEN not in context:
+            prefix.append(" ".join([DEFAULT_VIDEO_TOKEN] * len(videos)))
+        return "\n".join(prefix + [context]) if prefix else context
 
     def _vtprune_run(self, chunks, build, total: int) -> list:
         """Run `chunks` (lists of request args); `build(args) -> (text, images, gen_kwargs, cache_key)`."""
@@ -182,7 +224,6 @@ class BatchedLlava:
         """As lmms-eval's LLaVA-HF (same prompt, same ``(loss, is_greedy)`` convention), batch size 1, but with
         the greedy check aligned at the end of the sequence: a pruned prompt is shorter than the processor's."""
         import torch
-        from lmms_eval.models.simple.llava_hf import DEFAULT_IMAGE_TOKEN
         from tqdm import tqdm
 
         results = []
@@ -192,14 +233,15 @@ class BatchedLlava:
             for context, doc_to_target, doc_to_visual, doc_id, task, split in [req.args for req in requests]:
                 doc = self.task_dict[task][split][doc_id]
                 continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)
-                visuals = self._vtprune_split_visuals(self.flatten([doc_to_visual(doc)]), "loglikelihood")
-                if visuals and DEFAULT_IMAGE_TOKEN not in context:
-                    context = " ".join([DEFAULT_IMAGE_TOKEN] * len(visuals)) + "\n" + context
+                media = self._vtprune_split_visuals(self.flatten([doc_to_visual(doc)]), "loglikelihood")
+                context = self._vtprune_placeholders(context, media)
+                images, videos = split_media(media)
+                visuals = dict(images=images or None, videos=videos or None)
                 prompt = self._vtprune_chat_template_text(context)
                 messages = [{"role": "user", "content": context}, {"role": "assistant", "content": continuation}]
                 full = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-                inputs = self._image_processor(text=[full], images=visuals or None, return_tensors="pt").to(self._device, self.model.dtype)
-                context_length = self._image_processor(text=[prompt], images=visuals or None, return_tensors="pt")["input_ids"].shape[1]
+                inputs = self._image_processor(text=[full], **visuals, return_tensors="pt").to(self._device, self.model.dtype)
+                context_length = self._image_processor(text=[prompt], **visuals, return_tensors="pt")["input_ids"].shape[1]
                 labels = inputs["input_ids"].clone()
                 labels[:, :context_length] = -100
                 with torch.inference_mode():
@@ -218,7 +260,6 @@ class BatchedLlava:
 class LlavaSimpleLoop(BatchedLlava):
     def generate_until(self, requests):
         from lmms_eval import utils
-        from lmms_eval.models.simple.llava_hf import DEFAULT_IMAGE_TOKEN
 
         def sort_key(args):
             return -len(self.tok_encode(args[0])), args[0]
@@ -226,10 +267,8 @@ class LlavaSimpleLoop(BatchedLlava):
         def build(args):
             context, gen_kwargs, doc_to_visual, doc_id, task, split = args
             doc = self.task_dict[task][split][doc_id]
-            images = self._vtprune_split_visuals(self.flatten([doc_to_visual(doc) or []]), task)
-            if images and DEFAULT_IMAGE_TOKEN not in context:  # e.g. MME: no image token in the prompt
-                context = " ".join([DEFAULT_IMAGE_TOKEN] * len(images)) + "\n" + context
-            return self._vtprune_chat_template_text(context), images, gen_kwargs, context
+            media = self._vtprune_split_visuals(self.flatten([doc_to_visual(doc) or []]), task)
+            return self._vtprune_chat_template_text(self._vtprune_placeholders(context, media)), media, gen_kwargs, context
 
         collator = utils.Collator([req.args for req in requests], sort_key, grouping=True)
         chunks = collator.get_batched(n=self.batch_size, batch_fn=None)
@@ -248,11 +287,9 @@ class LlavaChatLoop(BatchedLlava):
             _, doc_to_messages, gen_kwargs, doc_id, task, split = args
             messages = ChatMessages(messages=doc_to_messages(self.task_dict[task][split][doc_id]))
             images, videos, _ = messages.extract_media()
-            if videos:
-                self._vtprune_split_visuals(videos, task)  # raises NotImplementedError
-            images = self._vtprune_split_visuals(images, task)
+            media = self._vtprune_split_visuals(list(images) + list(videos), task)  # videos: refused unless accepts_video
             text = self._image_processor.apply_chat_template(messages.model_dump()["messages"], tokenize=False, add_generation_prompt=True)
-            return text, images, gen_kwargs, text
+            return text, media, gen_kwargs, text
 
         collator = utils.Collator([req.args for req in requests], sort_key, group_fn=lambda args: args[2], grouping=True)
         chunks = collator.get_batched(n=self.batch_size, batch_fn=None)
