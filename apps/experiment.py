@@ -52,9 +52,12 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     name = pruner_spec.get("name", "none")
     options = {k: v for k, v in pruner_spec.items() if k not in BUDGET_KEYS}
     if name != "none":  # validate the pruner settings before loading anything heavy
+        from vtprune.integration import family_options
         from vtprune.registry import create_pruner
 
-        create_pruner(name, keep=pruner_spec.get("keep"), ratio=pruner_spec.get("ratio"), **options)
+        # Family options (budget_scope, video_keep, ...) are checked by vtprune.apply once the model is loaded.
+        hyperparameters = {k: v for k, v in options.items() if k not in family_options()}
+        create_pruner(name, keep=pruner_spec.get("keep"), ratio=pruner_spec.get("ratio"), **hyperparameters)
     records = load_benchmark(benchmark_spec)
     model, processor = load_model(model_spec)
     settings = cfg.run

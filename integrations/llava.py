@@ -8,7 +8,7 @@ tokens are projected after merging. Positions default to ``compact`` (all LLaVA 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,6 +35,12 @@ class EncoderRun:
     features: torch.Tensor  # [I, N, D] patch features (CLS dropped)
     cls_features: torch.Tensor | None  # [I, D]
     block_inputs: dict[int, torch.Tensor]
+    projections: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    """Block index -> its ``(q_proj, k_proj)`` outputs as the tower computed them (the probe need not redo them)."""
+
+    def probe(self, blocks, visual: slice) -> ClipAttentionProbe:
+        """The attention probe over this run's images (crops, frames) for the tower's `blocks`."""
+        return ClipAttentionProbe(blocks, self.block_inputs, visual=visual, projections=self.projections)
 
 
 CLS_ENCODERS = ("clip_vision_model",)
@@ -88,12 +94,18 @@ class LlavaCore(VLMIntegration):
         return side, side
 
     def run_encoder(self, pixel_values: torch.Tensor, feature_layer, attention_layers: set[int]) -> EncoderRun:
-        """Run the vision tower once, capturing the feature layer and the inputs of `attention_layers`."""
+        """Run the vision tower once, capturing the feature layer and, for `attention_layers`, the block inputs
+        and the q / k projections the blocks compute (so the probe does not compute them again)."""
         info = self.encoder_info(feature_layer)
         feature_blocks = self._feature_blocks(feature_layer)
-        with capture_layers(self._blocks, inputs=attention_layers, outputs=set(feature_blocks)) as captured:
+        layers = sorted(attention_layers)
+        projection_modules = [m for i in layers for m in (self._blocks[i].self_attn.q_proj, self._blocks[i].self_attn.k_proj)]
+        with capture_layers(self._blocks, inputs=attention_layers, outputs=set(feature_blocks)) as captured, capture_layers(
+            projection_modules, outputs=set(range(len(projection_modules)))
+        ) as (_, projected):
             self._tower(pixel_values)
         block_inputs, block_outputs = captured
+        projections = {layer: (projected[2 * n], projected[2 * n + 1]) for n, layer in enumerate(layers)}
         hidden = [block_outputs[b] for b in feature_blocks]
         patches = self._patch_slice
         # Sliced exactly as the unpatched get_image_features does, so the projector sees identical tensors.
@@ -101,7 +113,7 @@ class LlavaCore(VLMIntegration):
         cls_features = None
         if info.has_cls:
             cls_features = torch.cat([h[:, 0] for h in hidden], dim=-1) if len(hidden) > 1 else hidden[0][:, 0]
-        return EncoderRun(info=info, features=features, cls_features=cls_features, block_inputs=block_inputs)
+        return EncoderRun(info=info, features=features, cls_features=cls_features, block_inputs=block_inputs, projections=projections)
 
     def placeholder_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         return input_ids == self.model.config.image_token_id
@@ -283,7 +295,7 @@ class LlavaIntegration(LlavaMerging, LlavaCore):
             [self._grid()] * images,
             run.info,
             project=projector,
-            probe=ClipAttentionProbe(self._blocks, run.block_inputs, visual=slice(1, None)),
+            probe=run.probe(self._blocks, visual=slice(1, None)),
             cls_features=None if run.cls_features is None else [run.cls_features[i] for i in range(images)],
             projected=lambda: list(projector(run.features)),
         )

@@ -389,7 +389,7 @@ class AnyresCore(LlavaCore):
             [unit.grid for unit in unit_list],
             run.info,
             project=projector,
-            probe=_CropProbe(ClipAttentionProbe(self._blocks, run.block_inputs, visual=self._patch_slice), unit_list, self._grid()),
+            probe=_CropProbe(run.probe(self._blocks, visual=self._patch_slice), unit_list, self._grid()),
             cls_features=None if run.cls_features is None else [run.cls_features[unit.crop] for unit in unit_list],
             projected=lambda: [gather(unit, batch_projection()) for unit in unit_list],
             budgets=[budgets[i][u] for i, u, _ in units],

@@ -342,7 +342,7 @@ class LlavaOnevisionIntegration(AnyresCore):
                 cache[modality] = inner.apply_pooling(projected) if modality == "video" else projected
             return cache[modality]
 
-        probes = {m: ClipAttentionProbe(self._blocks, run.block_inputs, visual=self._patch_slice) for m, run in runs.items()}
+        probes = {m: run.probe(self._blocks, visual=self._patch_slice) for m, run in runs.items()}
         image_units = [unit for visual, keeps in zip(visuals, budgets) if visual.modality == "image"
                        for unit, keep in zip(visual.layout.units, keeps) if keep > 0]
         image_probe = _CropProbe(probes["image"], image_units, self._grid()) if image_units else None

@@ -6,9 +6,10 @@ the merged tokens, in raster order of the merged grid: ``features`` and ``embedd
 tensor (there is no separate projector), so merging pruners average LLM-space tokens.
 
 Scores: these ViTs have no CLS token, so CLS-based methods use their documented global-attention fallback
-(``cls_fallback="global"``; ``"error"`` refuses). Attention statistics are recomputed at patch level from the
-captured input of the block a pruner reads (q/k with the block's own norm, qkv projection and vision RoPE; one
-softmax per attention segment of that block), averaged over each 2x2 merge group, and for Qwen2.5-VL
+(``cls_fallback="global"``; ``"error"`` refuses). Attention statistics are computed at patch level for the
+block a pruner reads, from that block's fused qkv projection as the ViT computed it (captured with its rotary
+embeddings and segment bounds) and its vision RoPE, one softmax per attention segment of the block, one segment
+at a time (never a full map), averaged over each 2x2 merge group, and for Qwen2.5-VL
 un-permuted from window order to raster order. Keys for similarity (VisionZip) are taken before RoPE, so that
 they compare content rather than position. The default score block is the last one (a full-attention block in
 both models); HiPrune's object layer defaults to the paper's block 16 of 32, scaled to the depth and moved to
@@ -42,7 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from vtprune.attention import received_attention
-from vtprune.capture import capture_calls
+from vtprune.capture import capture_calls, capture_layers
 from vtprune.errors import MissingCLSError
 from vtprune.integration import EncodedImages, VLMIntegration, reduce_images
 from vtprune.tokens import EncoderInfo, ImageStats
@@ -57,6 +58,7 @@ class QwenEncoderRun:
     grid: torch.Tensor  # [I, 3]
     calls: dict
     raster_order: torch.Tensor | None  # Qwen2.5-VL: argsort(window_index)
+    projections: dict | None = None  # block index -> that block's fused qkv projection output [S, 3 D]
 
 
 class QwenAttentionProbe:
@@ -64,48 +66,73 @@ class QwenAttentionProbe:
 
     Args:
         blocks: ``visual.blocks``.
-        calls: block index -> captured ``(args, kwargs)`` of that block's call.
+        calls: block index -> captured ``(args, kwargs)`` of that block's call (cu_seqlens, rotary embeddings).
         patch_counts: patches per image, in order (images are contiguous in the ViT sequence).
         group: patches per merged token (``spatial_merge_size ** 2``).
         raster_order: for Qwen2.5-VL, ``argsort(window_index)``: the window-order position of each merged
             token in raster order; None for Qwen2-VL (already raster).
+        projections: block index -> the output of that block's fused ``attn.qkv`` projection as the ViT computed
+            it (captured); a block without one has its queries and keys recomputed from the captured input.
+
+    Statistics are computed one attention segment at a time (an image, a temporal group of a video, or a
+    window), so that no more than one segment's queries, keys and attention chunk are held at once.
     """
 
-    def __init__(self, blocks, calls: dict, patch_counts: list[int], group: int, raster_order: torch.Tensor | None):
+    def __init__(
+        self, blocks, calls: dict, patch_counts: list[int], group: int, raster_order: torch.Tensor | None,
+        projections: dict | None = None,
+    ):
         self.blocks = blocks
         self.calls = calls
+        self.projections = projections or {}
         self.group = group
         self.raster_order = raster_order
         self.patch_counts = patch_counts
         bounds = torch.tensor([0] + patch_counts).cumsum(0).tolist()
         self.patch_ranges = list(zip(bounds[:-1], bounds[1:]))
         self.group_ranges = [(a // group, b // group) for a, b in self.patch_ranges]
-        self._qk: dict[int, tuple] = {}
-        self._global: dict[int, torch.Tensor] = {}
-        self._keys: dict[int, torch.Tensor] = {}
+        self._stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _queries_keys(self, layer: int):
-        if layer not in self._qk:
+    def _queries_keys_rows(self, layer: int) -> torch.Tensor:
+        """``[S, 2 D]``: the q and k columns of block `layer`'s fused projection, captured or recomputed."""
+        attn = self.blocks[layer].attn
+        rows = 2 * attn.qkv.out_features // 3  # the fused projection's columns are q, k, v
+        if layer in self.projections:
+            return self.projections[layer][:, :rows]
+        args, kwargs = self.calls[layer]
+        hidden = args[0] if args else kwargs["hidden_states"]
+        bias = None if attn.qkv.bias is None else attn.qkv.bias[:rows]
+        # Only the q and k rows of the fused projection: v would be a third of the work, unused.
+        return torch.nn.functional.linear(self.blocks[layer].norm1(hidden), attn.qkv.weight[:rows], bias)
+
+    def _statistics(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per merged token in raster order: mean attention received, and head-averaged keys before RoPE."""
+        if layer not in self._stats:
             if layer not in self.calls:
                 raise KeyError(f"vision block {layer} was not captured (captured: {sorted(self.calls)})")
-            args, kwargs = self.calls[layer]
-            hidden = args[0] if args else kwargs["hidden_states"]
-            block = self.blocks[layer]
-            attn = block.attn
+            _, kwargs = self.calls[layer]
+            attn = self.blocks[layer].attn
             rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
             with torch.no_grad():
-                x = block.norm1(hidden)
-                length = x.shape[0]
-                # Only the q and k rows of the fused projection: v would be a third of the work, unused.
-                rows = 2 * attn.qkv.out_features // 3
-                bias = None if attn.qkv.bias is None else attn.qkv.bias[:rows]
-                qk = torch.nn.functional.linear(x, attn.qkv.weight[:rows], bias)
-                q, k = qk.reshape(length, 2, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+                qk = self._queries_keys_rows(layer)
+                length, heads = qk.shape[0], attn.num_heads
+                queries, keys = qk.unflatten(1, (2, heads, -1)).unbind(1)  # [S, H, hd] each, views
                 cos, sin = kwargs["position_embeddings"]
-                q_rot, k_rot = rope(q, k, cos, sin)
-            segments = kwargs["cu_seqlens"].tolist()
-            self._qk[layer] = (q_rot.float() * attn.scaling, k_rot.float(), k.float(), segments)
-        return self._qk[layer]
+                received = torch.zeros(length, dtype=torch.float32, device=qk.device)
+                mean_keys = torch.empty(length, keys.shape[-1], dtype=torch.float32, device=qk.device)
+                segments = kwargs["cu_seqlens"].tolist()
+                # One softmax per attention segment of this block: whole images (temporal groups of a video) in
+                # full-attention blocks, windows in Qwen2.5-VL's windowed blocks, exactly as the block attends.
+                for start, end in zip(segments[:-1], segments[1:]):
+                    q, k = queries[start:end], keys[start:end]
+                    q_rot, k_rot = rope(q, k, cos[start:end], sin[start:end])
+                    q_rot = (q_rot.float() * attn.scaling).transpose(0, 1)
+                    received[start:end] = received_attention(q_rot, k_rot.float().transpose(0, 1))
+                    mean_keys[start:end] = k.float().mean(dim=1)  # keys before RoPE: content, not position
+                for start, end in self.patch_ranges:  # mean over heads and over all query rows of the image
+                    received[start:end] /= heads * (end - start)
+            self._stats[layer] = (self._to_raster_groups(received), self._to_raster_groups(mean_keys))
+        return self._stats[layer]
 
     def _to_raster_groups(self, per_patch: torch.Tensor) -> torch.Tensor:
         """``[S, ...]`` per patch in the ViT's order -> ``[G, ...]`` per merged token in raster order."""
@@ -116,26 +143,12 @@ class QwenAttentionProbe:
         raise MissingCLSError("Qwen vision encoders have no CLS token")
 
     def global_attention(self, layer: int, image: int) -> torch.Tensor:
-        if layer not in self._global:
-            q, k, _, segments = self._queries_keys(layer)
-            heads = q.shape[1]
-            received = torch.zeros(q.shape[0], dtype=torch.float32, device=q.device)
-            # One softmax per attention segment of this block: whole images in full-attention blocks,
-            # windows in Qwen2.5-VL's windowed blocks, exactly as the block itself attends.
-            for start, end in zip(segments[:-1], segments[1:]):
-                received[start:end] = received_attention(q[start:end].transpose(0, 1), k[start:end].transpose(0, 1))
-            for start, end in self.patch_ranges:  # mean over heads and over all query rows of the image
-                received[start:end] /= heads * (end - start)
-            self._global[layer] = self._to_raster_groups(received)
         start, end = self.group_ranges[image]
-        return self._global[layer][start:end]
+        return self._statistics(layer)[0][start:end]
 
     def keys(self, layer: int, image: int) -> torch.Tensor:
-        if layer not in self._keys:
-            _, _, keys, _ = self._queries_keys(layer)
-            self._keys[layer] = self._to_raster_groups(keys.mean(dim=1))
         start, end = self.group_ranges[image]
-        return self._keys[layer][start:end]
+        return self._statistics(layer)[1][start:end]
 
 
 class _UnitProbe:
@@ -266,10 +279,14 @@ class QwenVLIntegration(VLMIntegration):
         return budgets
 
     def run_encoder(self, pixel_values: torch.Tensor, grid: torch.Tensor, attention_layers: set[int]) -> QwenEncoderRun:
-        """Run the ViT and merger once, capturing the calls of `attention_layers`."""
+        """Run the ViT and merger once, capturing the calls of `attention_layers` and their fused qkv projections
+        (so the probe need not recompute them: a third of a block's work, on thousands of patches for a video)."""
         visual = self._visual
         merge = visual.spatial_merge_size
-        with capture_calls(visual.blocks, attention_layers) as calls:
+        layers = sorted(attention_layers)
+        with capture_calls(visual.blocks, attention_layers) as calls, capture_layers(
+            [visual.blocks[i].attn.qkv for i in layers], outputs=set(range(len(layers)))
+        ) as (_, projected):
             merged = visual(pixel_values.type(visual.dtype), grid_thw=grid).pooler_output
         raster_order = None
         if self._windowed:
@@ -279,12 +296,14 @@ class QwenVLIntegration(VLMIntegration):
                 grid, spatial_merge_size=merge, window_size=visual.window_size, patch_size=visual.patch_size
             )
             raster_order = torch.argsort(window_index)
-        return QwenEncoderRun(merged=merged, grid=grid, calls=dict(calls), raster_order=raster_order)
+        projections = {layers[i]: output for i, output in projected.items()}
+        return QwenEncoderRun(merged=merged, grid=grid, calls=dict(calls), raster_order=raster_order, projections=projections)
 
     def _probe(self, run: QwenEncoderRun) -> QwenAttentionProbe:
         visual = self._visual
         return QwenAttentionProbe(
-            visual.blocks, run.calls, run.grid.prod(-1).tolist(), group=visual.spatial_merge_size**2, raster_order=run.raster_order
+            visual.blocks, run.calls, run.grid.prod(-1).tolist(), group=visual.spatial_merge_size**2,
+            raster_order=run.raster_order, projections=run.projections,
         )
 
     def reduce(self, run: QwenEncoderRun) -> EncodedImages:

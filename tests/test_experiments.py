@@ -96,14 +96,15 @@ def test_the_default_model_is_the_embedded_one(tmp_path):
     assert result["visual_tokens_out"]["mean"] == 36 and result["samples"] == 6
 
 
-def test_the_app_runs_llava_onevision(tmp_path):
-    """model=tiny_llava_onevision: 336 px synthetic images take a 3x3 crop layout resized to 14 x 14 (259 tokens);
-    per_crop keep=8: 8 from each of the 10 crops and the 14 newlines."""
-    done = vtprune_cli(["model=tiny_llava_onevision", "pruner=fastervlm", "pruner.keep=8", "hydra.run.dir=job", *RUN[1:], "benchmark.size=2"], tmp_path)
+def test_the_app_runs_llava_onevision_with_a_family_option(tmp_path):
+    """model=tiny_llava_onevision: 336 px synthetic images take a 3x3 crop layout resized to 14 x 14 (259 tokens).
+    A family option goes through the pruner group: +pruner.budget_scope=global makes keep=60 the image's total."""
+    overrides = ["model=tiny_llava_onevision", "pruner=fastervlm", "pruner.keep=60", "+pruner.budget_scope=global"]
+    done = vtprune_cli([*overrides, "hydra.run.dir=job", *RUN[1:], "benchmark.size=2"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "job" / "results.json").read_text())
     assert result["config"]["model"]["family"] == "llava_onevision"
-    assert result["visual_tokens_in"]["mean"] == 259 and result["visual_tokens_out"]["mean"] == 94
+    assert result["visual_tokens_in"]["mean"] == 259 and result["visual_tokens_out"]["mean"] == 60
 
 
 def test_report_rejects_an_empty_folder(tmp_path):

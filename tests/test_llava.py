@@ -158,6 +158,31 @@ def test_attention_probe_matches_eager(llava, images):
             torch.testing.assert_close(probe.global_attention(layer, image), full.mean(dim=(0, 1))[1:], atol=1e-6, rtol=1e-5)
 
 
+def test_run_encoder_probe_on_captured_projections_matches_eager(llava, images):
+    """The probe of an encoder run reads the q / k projections the tower computed (captured), not a recomputation;
+    its CLS row and global attention are the eager tower's maps."""
+    from vtprune.integrations.llava import LlavaIntegration
+
+    model, processor = llava
+    pixel_values = make_inputs(processor, [PROMPTS[0]] * 2, images[:2])["pixel_values"]
+    integration = LlavaIntegration(model, vtprune.create_pruner("fastervlm", keep=8))
+    tower = model.model.vision_tower
+    with torch.no_grad():
+        run = integration.run_encoder(pixel_values, -2, {2, 6})
+        tower.set_attn_implementation("eager")
+        try:
+            attentions = tower(pixel_values, output_attentions=True).attentions
+        finally:
+            tower.set_attn_implementation("sdpa")
+    assert sorted(run.projections) == [2, 6]
+    probe = run.probe(tower.encoder.layers, visual=slice(1, None))
+    for layer in (2, 6):
+        for image in range(2):
+            full = attentions[layer][image]
+            torch.testing.assert_close(probe.cls_attention(layer, image), full[:, 0, 1:], atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(probe.global_attention(layer, image), full.mean(dim=(0, 1))[1:], atol=1e-6, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------- batches
 BATCH_PROMPTS = [
     "USER: hello ASSISTANT:",

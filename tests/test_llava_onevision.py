@@ -391,3 +391,25 @@ def test_generate_with_cache_equals_a_greedy_loop_over_the_hand_built_sequence(o
             embeds = torch.cat([embeds, model.get_input_embeddings()(token)[:, None]], dim=1)
             position_ids = torch.cat([position_ids, position_ids[:, -1:] + 1], dim=1)
     assert generated[0, inputs["input_ids"].shape[1] :].tolist() == tokens
+
+
+def test_captured_projections_give_the_recomputed_statistics(onevision, media):
+    """run_encoder captures the q / k projections of the blocks a pruner reads; the probe built on them gives
+    exactly the statistics of the probe that recomputes them from the captured block inputs (SigLIP frames)."""
+    from vtprune.integrations.common.clip_attention import ClipAttentionProbe
+
+    model, processor = onevision
+    inputs = make(processor, [[("video", media["video"])]])
+    from vtprune.integrations.llava_onevision import LlavaOnevisionIntegration
+
+    integration = LlavaOnevisionIntegration(model, vtprune.create_pruner("hiprune", keep=4))
+    layers = integration.pruner.attention_layers(integration.encoder_info())
+    with torch.no_grad():
+        run = integration.run_encoder(inputs["pixel_values_videos"].flatten(0, 1), -1, layers)
+        captured = run.probe(integration._blocks, visual=slice(0, None))
+        recomputed = ClipAttentionProbe(integration._blocks, run.block_inputs, visual=slice(0, None))
+        assert sorted(run.projections) == sorted(layers)
+        for layer in layers:
+            for frame in range(FRAMES):
+                assert torch.equal(captured.global_attention(layer, frame), recomputed.global_attention(layer, frame))
+                assert torch.equal(captured.keys(layer, frame), recomputed.keys(layer, frame))

@@ -232,6 +232,31 @@ def test_scores_come_from_the_true_attention_maps(qwen, qwen_images, monkeypatch
         offset += groups
 
 
+def test_captured_projections_give_the_recomputed_statistics(qwen, qwen_images):
+    """run_encoder captures each scored block's fused qkv output; the probe built on it gives the statistics of
+    the probe that recomputes q and k from the block's captured input, for a batch of two images and a video."""
+    import numpy as np
+
+    from vtprune.integrations.qwen_vl import QwenAttentionProbe, QwenVLIntegration
+
+    model, processor = qwen
+    integration = QwenVLIntegration(model, vtprune.create_pruner("hiprune", keep=4))
+    layers = integration.pruner.attention_layers(integration.encoder_info())
+    frames = np.stack([np.array(image.resize((112, 84))) for image in qwen_images[:4]])
+    images = make_inputs(processor, [prompt("x", 2)], qwen_images[:2])
+    video = dict(processor(text=["<|vision_start|><|video_pad|><|vision_end|>x"], videos=[frames], return_tensors="pt"))
+    for pixels, grid in ((images["pixel_values"], images["image_grid_thw"]), (video["pixel_values_videos"], video["video_grid_thw"])):
+        with torch.no_grad():
+            run = integration.run_encoder(pixels, grid, layers)
+        assert sorted(run.projections) == sorted(layers)
+        captured = integration._probe(run)
+        recomputed = QwenAttentionProbe(model.model.visual.blocks, run.calls, grid.prod(-1).tolist(), 4, run.raster_order)
+        for layer in layers:
+            for image in range(grid.shape[0]):
+                torch.testing.assert_close(captured.global_attention(layer, image), recomputed.global_attention(layer, image), atol=1e-6, rtol=1e-5)
+                torch.testing.assert_close(captured.keys(layer, image), recomputed.keys(layer, image), atol=1e-5, rtol=1e-5)
+
+
 def test_window_order_is_undone_like_the_merger(qwen, qwen_images):
     """Qwen2.5-VL: the group order the probe uses to go back to raster order is the one the model applies to
     the merger output."""

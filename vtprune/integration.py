@@ -57,6 +57,12 @@ def supported_model_classes() -> list[str]:
     return sorted(name for cls in _INTEGRATIONS for name in cls.model_classes)
 
 
+def family_options() -> set[str]:
+    """Every option name some model family accepts in `vtprune.apply` (``budget_scope``, ``video_keep``, ...)."""
+    _load_entry_points()
+    return {name for cls in _INTEGRATIONS for name in cls.options}
+
+
 def find_integration(model: Any) -> type["Integration"]:
     _load_entry_points()
     for cls in _INTEGRATIONS:
