@@ -80,3 +80,22 @@ def test_make_installs_with_the_constraints_file():
     assert len(constrained) == 1 and constrained[0].rstrip().endswith("-c constraints.txt"), constrained
     resolved = [line for line in dry_run("CONSTRAINTS=").splitlines() if "pip install" in line and "-e" in line]
     assert len(resolved) == 1 and "-c " not in resolved[0], resolved
+
+
+def test_the_wheel_ships_every_config_without_setuptools_warnings(tmp_path):
+    """Building the package warns about no folder (the config groups are listed packages, not stray data) and the
+    wheel holds every Hydra config the app can be pointed at."""
+    import sys
+    import zipfile
+
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v", str(ROOT), "-w", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    log = build.stdout + build.stderr
+    assert "would be ignored" not in log and "is absent from the `packages` configuration" not in log
+    (wheel,) = tmp_path.glob("vtprune-*.whl")
+    shipped = {name for name in zipfile.ZipFile(wheel).namelist() if name.startswith("vtprune/configs/")}
+    expected = {"vtprune/configs/" + str(path.relative_to(ROOT / "configs")) for path in (ROOT / "configs").rglob("*.yaml")}
+    assert expected and expected <= shipped, sorted(expected - shipped)
