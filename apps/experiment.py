@@ -5,12 +5,16 @@
     vtprune model=llava-1.5-7b pruner=fastervlm pruner.keep=64      # Hub checkpoint, GPU
     vtprune-report multirun/<date>/<time>                           # markdown table and plots
 
-Each job writes ``results.json`` into its Hydra output folder (see `vtprune.apps.harness.evaluate` for the fields).
+Each job writes ``results.json`` into its Hydra output folder (see `vtprune.apps.harness.evaluate` for the fields),
+atomically: a job killed half-way leaves no results file. With ``run.resume=true`` (the default) a job whose folder
+already holds a complete ``results.json`` made with the same configuration is skipped, so rerunning a killed sweep
+with the same ``hydra.sweep.dir`` computes only what is missing; a partial, corrupt or stale file is redone.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,39 @@ from omegaconf import DictConfig, OmegaConf
 from vtprune.errors import VTPruneError
 
 BUDGET_KEYS = ("name", "keep", "ratio", "positions")
+RESULT_KEYS = ("pruner", "budget", "accuracy", "samples", "predictions", "visual_tokens_out", "prefill_ms", "model", "benchmark", "config")
+"""Fields a complete results.json has (the harness writes them all at once)."""
+
+
+def _comparable(config: dict) -> dict:
+    """The configuration a results file must match to be reused: everything but the resume switch itself."""
+    run_settings = {k: v for k, v in config.get("run", {}).items() if k != "resume"}
+    return {**config, "run": run_settings}
+
+
+def completed_results(output_dir: str | Path, config: dict) -> dict | None:
+    """The results already in `output_dir` when they are complete and were made with `config`; else None."""
+    path = Path(output_dir) / "results.json"
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):  # missing, truncated or not JSON: redo the job
+        return None
+    if not isinstance(results, dict) or any(key not in results for key in RESULT_KEYS):
+        return None
+    if not isinstance(results["config"], dict) or _comparable(results["config"]) != _comparable(config):
+        return None
+    if results["samples"] != len(results["predictions"]):
+        return None
+    return results
+
+
+def write_results(output_dir: str | Path, results: dict) -> None:
+    """Write results.json atomically (a temporary file renamed), so that a killed job leaves none half-written."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    temporary = output_dir / "results.json.partial"
+    temporary.write_text(json.dumps(results, indent=2))
+    os.replace(temporary, output_dir / "results.json")
 
 
 def load_benchmark(spec: dict) -> list:
@@ -46,6 +83,12 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     from vtprune.apps.harness import evaluate
     from vtprune.apps.models import load_model
 
+    config = OmegaConf.to_container(cfg, resolve=True)
+    if cfg.run.get("resume", False):
+        previous = completed_results(output_dir, config)
+        if previous is not None:
+            previous["resumed"] = True
+            return previous
     model_spec = OmegaConf.to_container(cfg.model, resolve=True)
     pruner_spec = OmegaConf.to_container(cfg.pruner, resolve=True)
     benchmark_spec = OmegaConf.to_container(cfg.benchmark, resolve=True)
@@ -69,11 +112,8 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     )
     results["model"] = model_spec
     results["benchmark"] = benchmark_spec
-    results["config"] = OmegaConf.to_container(cfg, resolve=True)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with open(output_dir / "results.json", "w") as f:
-        json.dump(results, f, indent=2)
+    results["config"] = config
+    write_results(output_dir, results)
     return results
 
 
@@ -87,6 +127,9 @@ def main(cfg: DictConfig) -> None:
     except (VTPruneError, FileNotFoundError, ValueError) as error:
         print(f"vtprune: error: {error}", file=sys.stderr)
         sys.exit(2)
+    if results.get("resumed"):
+        print(f"{results['pruner']} {results['budget'] or ''}: skipped, complete results for this config in {output_dir}/results.json")
+        return
     print(
         f"{results['pruner']} {results['budget'] or ''}: accuracy {results['accuracy']:.3f}, loyalty "
         f"{results['loyalty'] if results['loyalty'] is None else round(results['loyalty'], 3)}, visual tokens "

@@ -112,3 +112,43 @@ def test_report_rejects_an_empty_folder(tmp_path):
 
     with pytest.raises(SystemExit):
         report([str(tmp_path)])
+
+
+def test_a_killed_sweep_reruns_only_what_is_missing(tmp_path):
+    """A sweep killed after its first job: the rerun (same hydra.sweep.dir) skips that job, whose results.json is
+    complete and made with the same config, and computes the other; a corrupt or stale file is redone."""
+    import signal
+    import time
+
+    args = ["-m", "pruner=fastervlm", "pruner.keep=9,18", "hydra.sweep.dir=sweep", *FAST]
+    command = [sys.executable, "-m", "vtprune", *args]
+    first = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((tmp_path / "sweep").glob("*/results.json")):
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    done_first = list((tmp_path / "sweep").glob("*/results.json"))
+    assert len(done_first) == 1, "the first job should have finished before the kill, and only it"
+    kept = done_first[0]
+    kept_text = kept.read_text()
+    assert not list((tmp_path / "sweep").glob("*/results.json.partial"))
+
+    rerun = vtprune_cli(args, tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert rerun.stdout.count("skipped, complete results for this config") == 1
+    assert rerun.stdout.count(": accuracy ") == 1  # only the missing job ran
+    assert kept.read_text() == kept_text
+    files = sorted((tmp_path / "sweep").glob("*/results.json"))
+    assert [json.loads(f.read_text())["config"]["pruner"]["keep"] for f in files] == [9, 18]
+
+    other = next(f for f in files if f != kept)
+    other.write_text(other.read_text()[:200])  # truncated: redone
+    stale = json.loads(kept.read_text())
+    stale["config"]["run"]["max_new_tokens"] = 99  # made with another config: redone
+    kept.write_text(json.dumps(stale))
+    again = vtprune_cli(args, tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "skipped" not in again.stdout and again.stdout.count(": accuracy ") == 2
+    assert all(json.loads(f.read_text())["config"]["run"]["max_new_tokens"] == 2 for f in files)
+    assert vtprune_cli([*args, "run.resume=false"], tmp_path).stdout.count(": accuracy ") == 2
