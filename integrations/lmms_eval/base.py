@@ -9,7 +9,7 @@ from loguru import logger
 from vtprune.api import apply
 
 from .settings import PruneSettings, pop_vtprune_args
-from .token_stats import PrefillCall, VisualTokenLog, gather_across_ranks
+from .token_stats import PrefillCall, VisualTokenLog, gather_across_ranks, ranks_reporting
 from .token_stats import summary as summary_of
 
 __all__ = ["QwenLeftPadding", "ReportEachRun", "VTPruneMixin"]
@@ -42,16 +42,16 @@ class VTPruneMixin:
     def _vtprune_report(self, calls: list[PrefillCall]) -> dict[str, float] | None:
         """Log one results entry for `calls` (gathered over ranks); returns the summary on rank 0."""
         images = [(i, o, call.selection_ms / len(call.images)) for call in calls for (_, i, o) in call.images]
-        images = gather_across_ranks(images)
+        images, ranks = gather_across_ranks(images), ranks_reporting()
         if not images or getattr(self, "rank", 0) != 0:
             return None
-        summary = summary_of(images)
+        summary = {**summary_of(images), "vtprune_ranks": float(ranks)}
         log_metrics(total_elapsed_time=0.0, total_gen_tokens=0, avg_speed=0.0, additional_metrics=summary)
         logger.info(
             f"vtprune ({self.vtprune_settings.describe()}): {len(images)} images, visual tokens per image "
             f"{summary['vtprune_visual_tokens_in']:.1f} -> {summary['vtprune_visual_tokens_out']:.1f} "
             f"(out min {summary['vtprune_visual_tokens_out_min']:.0f}, max {summary['vtprune_visual_tokens_out_max']:.0f}), "
-            f"selection {summary['vtprune_selection_ms_per_image']:.2f} ms/image"
+            f"selection {summary['vtprune_selection_ms_per_image']:.2f} ms/image, over {ranks} process(es)"
         )
         return summary
 

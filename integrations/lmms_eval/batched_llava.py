@@ -50,12 +50,18 @@ class BatchedLlava:
     def __init__(self, *args, **kwargs) -> None:
         # lmms-eval's LLaVA-HF passes its default device_map="" to from_pretrained on a single process, which
         # transformers 5 rejects: load straight onto `device` instead (what the empty map meant). Data-parallel
-        # runs keep "" so that lmms-eval picks cuda:<local rank> itself.
+        # GPU runs keep "" so that lmms-eval picks cuda:<local rank> itself; data-parallel CPU runs (no CUDA, or
+        # --device cpu) load onto the CPU, where lmms-eval would otherwise ask for cuda:<local rank>, and take
+        # their rank from the evaluator.
         if not kwargs.get("device_map"):
+            import torch
             from accelerate import PartialState
 
+            device = str(kwargs.get("device") or "cuda")
             if PartialState().num_processes == 1:
-                kwargs["device_map"] = str(kwargs.get("device") or "cuda")
+                kwargs["device_map"] = device
+            elif device == "cpu" or not torch.cuda.is_available():
+                kwargs["device_map"] = kwargs["device"] = "cpu"
         super().__init__(*args, **kwargs)
 
     def _vtprune_chat_template_text(self, context: str) -> str:

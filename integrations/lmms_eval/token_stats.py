@@ -6,7 +6,7 @@ import itertools
 import statistics
 from dataclasses import dataclass
 
-__all__ = ["PrefillCall", "VisualTokenLog", "gather_across_ranks", "summary"]
+__all__ = ["PrefillCall", "VisualTokenLog", "gather_across_ranks", "ranks_reporting", "summary"]
 
 
 def summary(images: list[tuple[int, int, float]]) -> dict[str, float]:
@@ -116,3 +116,10 @@ def gather_across_ranks(items: list) -> list:
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, items)
     return list(itertools.chain.from_iterable(part or [] for part in gathered))
+
+
+def ranks_reporting() -> int:
+    """How many processes the gathered statistics cover (the data-parallel world size; 1 otherwise)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
