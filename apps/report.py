@@ -1,30 +1,91 @@
 """`vtprune-report DIR`: a markdown table and plots from every ``results.json`` under a sweep folder.
 
-    vtprune-report multirun/2026-11-24/10-00-00            # writes report.md, accuracy.png, latency.png there
+    vtprune-report multirun/2026-11-24/10-00-00            # writes report.md, report.json and the plots there
     python -m vtprune.apps.report multirun/... --out reports/
+
+A sweep with several models (local or SLURM: any folder tree of Hydra job folders) gets one table and one pair of
+plots per model (``accuracy_<model>.png``, ``latency_<model>.png``; ``accuracy.png`` / ``latency.png`` for one
+model). Jobs that ran the same configuration twice are flagged as duplicates (the first folder is reported),
+and job folders with no complete ``results.json`` (the job failed, was killed or is still running) are listed
+as failed with their overrides. ``report.json`` holds the rows, the duplicates and the failed jobs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
 
 def collect(folder: str | Path) -> list[dict]:
+    """Every complete results.json under `folder` (see `survey` for the failed ones)."""
+    results, _ = survey(folder)
+    return results
+
+
+def _overrides(job: Path) -> list[str]:
+    try:
+        import yaml
+
+        return list(yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or [])
+    except (OSError, ValueError, ImportError):
+        return []
+
+
+def survey(folder: str | Path) -> tuple[list[dict], list[dict]]:
+    """(complete results, failed jobs) under `folder`: a job folder is one with ``.hydra/`` or a results.json."""
+    from vtprune.apps.experiment import RESULT_KEYS
+
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder")
-    results = []
-    for path in sorted(folder.rglob("results.json")):
-        with open(path) as f:
-            row = json.load(f)
-        row["_path"] = str(path.parent)
+    jobs = {p.parent for p in folder.rglob("results.json")} | {p.parent for p in folder.rglob(".hydra") if p.is_dir()}
+    results, failed = [], []
+    for job in sorted(jobs):
+        try:
+            row = json.loads((job / "results.json").read_text())
+            if not isinstance(row, dict) or any(key not in row for key in RESULT_KEYS):
+                raise ValueError("incomplete results.json")
+        except OSError:
+            failed.append({"path": str(job), "reason": "no results.json", "overrides": _overrides(job)})
+            continue
+        except ValueError:
+            failed.append({"path": str(job), "reason": "results.json is incomplete or corrupt", "overrides": _overrides(job)})
+            continue
+        row["_path"] = str(job)
         results.append(row)
     if not results:
         raise FileNotFoundError(f"no results.json under {folder}")
-    return results
+    return results, failed
+
+
+def model_label(result: dict) -> str:
+    """The model a result belongs to: its Hub / local name, else its source (and family)."""
+    spec = result.get("model") or {}
+    if spec.get("name") or spec.get("path"):
+        return str(spec.get("name") or spec.get("path"))
+    return ":".join(str(spec[k]) for k in ("source", "family") if spec.get(k)) or "model"
+
+
+def _job_key(result: dict) -> str:
+    from vtprune.apps.experiment import _comparable
+
+    return json.dumps(_comparable(result.get("config") or {}), sort_keys=True, default=str)
+
+
+def split_duplicates(results: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(one result per configuration, the duplicates: each with the folder it repeats)."""
+    first: dict[str, dict] = {}
+    duplicates = []
+    for r in results:
+        key = _job_key(r)
+        if key in first:
+            duplicates.append({"path": r["_path"], "same_config_as": first[key]["_path"], "pruner": r["pruner"], "budget": r["budget"]})
+        else:
+            first[key] = r
+    return list(first.values()), duplicates
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -55,7 +116,7 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plots(results: list[dict], out: Path) -> list[Path]:
+def plots(results: list[dict], out: Path, suffix: str = "", title: str | None = None) -> list[Path]:
     """Accuracy and prefill latency against visual tokens, one line per pruner."""
     import matplotlib
 
@@ -66,7 +127,7 @@ def plots(results: list[dict], out: Path) -> list[Path]:
     for r in results:
         by_pruner[r["pruner"]].append(r)
     written = []
-    for key, label, filename in (("accuracy", "accuracy", "accuracy.png"), ("prefill_ms", "prefill latency (ms)", "latency.png")):
+    for key, label, filename in (("accuracy", "accuracy", f"accuracy{suffix}.png"), ("prefill_ms", "prefill latency (ms)", f"latency{suffix}.png")):
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, rows in sorted(by_pruner.items()):
             rows = sorted(rows, key=lambda r: r["visual_tokens_out"]["mean"])
@@ -76,6 +137,8 @@ def plots(results: list[dict], out: Path) -> list[Path]:
             ax.plot(xs, ys, label="unpruned" if name == "none" else name, **style)
         ax.set_xlabel("visual tokens per image")
         ax.set_ylabel(label)
+        if title:
+            ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
@@ -92,17 +155,36 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", default=None, help="where to write report.md and the plots (default: the folder)")
     args = parser.parse_args(argv)
     try:
-        results = collect(args.folder)
+        results, failed = survey(args.folder)
     except FileNotFoundError as error:
         parser.exit(2, f"vtprune-report: error: {error}\n")
     out = Path(args.out or args.folder)
     out.mkdir(parents=True, exist_ok=True)
-    text = table(results)
-    images = plots(results, out)
+    results, duplicates = split_duplicates(results)
+    by_model: dict[str, list[dict]] = defaultdict(list)
+    for r in results:
+        by_model[model_label(r)].append(r)
+    sections, images = [], []
+    for label, rows in sorted(by_model.items()):
+        suffix = "" if len(by_model) == 1 else "_" + re.sub(r"[^A-Za-z0-9.-]+", "_", label).strip("_")
+        drawn = plots(rows, out, suffix=suffix, title=label)
+        images += drawn
+        sections.append(f"## {label}\n\n{table(rows)}\n" + "".join(f"![{p.stem}]({p.name})\n" for p in drawn))
+    problems = ""
+    if duplicates:
+        problems += "## Duplicate jobs (same configuration; the first folder is reported)\n\n" + "".join(
+            f"- {d['path']} repeats {d['same_config_as']}\n" for d in duplicates) + "\n"
+    if failed:
+        problems += "## Failed jobs (no complete results.json)\n\n" + "".join(
+            f"- {f['path']}: {f['reason']} ({' '.join(f['overrides']) or 'no overrides'})\n" for f in failed) + "\n"
     report = out / "report.md"
-    report.write_text(f"# vtprune sweep: {args.folder}\n\n{text}\n" + "".join(f"![{p.stem}]({p.name})\n" for p in images))
-    print(text)
-    print(f"wrote {report} and {', '.join(p.name for p in images)}")
+    report.write_text(f"# vtprune sweep: {args.folder}\n\n" + "\n".join(sections) + ("\n" + problems if problems else ""))
+    rows = [{k: v for k, v in r.items() if k not in ("predictions", "_path")} | {"path": r["_path"], "model_label": model_label(r)} for r in results]
+    (out / "report.json").write_text(json.dumps({"rows": rows, "duplicates": duplicates, "failed": failed}, indent=2, default=str))
+    print("\n".join(sections))
+    if problems:
+        print(problems)
+    print(f"wrote {report}, report.json and {', '.join(p.name for p in images)}")
     return report
 
 

@@ -54,6 +54,40 @@ def test_multirun_sweep_and_report(tmp_path):
     assert text.count("| fastervlm |") == 2 and text.count("| divprune |") == 2 and "| none |" in text
     for image in ("accuracy.png", "latency.png"):
         assert (tmp_path / "report" / image).stat().st_size > 1000
+    assert "Duplicate jobs" not in text and "Failed jobs" not in text
+
+    # One folder holding what several sweeps produced: a second model, a job run twice, a job that died before
+    # writing results and one whose results.json is cut short.
+    import shutil
+
+    merged = tmp_path / "merged"
+    shutil.copytree(tmp_path / "sweep", merged / "local")
+    jobs = sorted(p.parent for p in (merged / "local").glob("*/results.json"))
+    other = merged / "slurm" / "0_fastervlm_64"
+    shutil.copytree(jobs[0], other)
+    moved = json.loads((other / "results.json").read_text())
+    moved["model"] = {**moved["model"], "name": "org/other-model"}
+    moved["config"]["model"] = moved["model"]
+    (other / "results.json").write_text(json.dumps(moved))
+    shutil.copytree(jobs[1], merged / "slurm" / "1_again")
+    dead = merged / "slurm" / "2_dead"
+    shutil.copytree(jobs[2] / ".hydra", dead / ".hydra")
+    cut = merged / "slurm" / "3_cut"
+    shutil.copytree(jobs[3], cut)
+    (cut / "results.json").write_text((cut / "results.json").read_text()[:100])
+
+    path = report([str(merged), "--out", str(tmp_path / "merged_report")])
+    text = path.read_text()
+    assert text.count("| pruner | budget |") == 2 and "## org/other-model" in text and "## tiny:llava" in text
+    assert text.count("| fastervlm |") == 3 and text.count("| divprune |") == 2  # the duplicate is reported once
+    assert f"{merged / 'slurm' / '1_again'} repeats {jobs[1]}" in text
+    assert f"{dead}: no results.json" in text and f"{cut}: results.json is incomplete or corrupt" in text
+    assert "pruner=" in text.split("Failed jobs")[1]  # the failed job's overrides, to resubmit it
+    summary = json.loads((tmp_path / "merged_report" / "report.json").read_text())
+    assert len(summary["rows"]) == 5 and len(summary["duplicates"]) == 1 and len(summary["failed"]) == 2
+    assert {r["model_label"] for r in summary["rows"]} == {"tiny:llava", "org/other-model"}
+    for image in ("accuracy_tiny_llava.png", "latency_tiny_llava.png", "accuracy_org_other-model.png"):
+        assert (tmp_path / "merged_report" / image).stat().st_size > 1000
 
 
 @pytest.mark.parametrize(
