@@ -29,24 +29,29 @@ RESULT_KEYS = ("pruner", "budget", "accuracy", "samples", "predictions", "visual
 """Fields a complete results.json has (the harness writes them all at once)."""
 
 
-def _comparable(config: dict) -> dict:
+def comparable_config(config: dict) -> dict:
     """The configuration a results file must match to be reused: everything but the resume switch itself."""
     run_settings = {k: v for k, v in config.get("run", {}).items() if k != "resume"}
     return {**config, "run": run_settings}
 
 
-def completed_results(output_dir: str | Path, config: dict) -> dict | None:
-    """The results already in `output_dir` when they are complete and were made with `config`; else None."""
-    path = Path(output_dir) / "results.json"
+def read_results(output_dir: str | Path) -> dict | None:
+    """The results.json in `output_dir` when it is complete (every field, one prediction per sample); else None."""
     try:
-        results = json.loads(path.read_text())
-    except (OSError, ValueError):  # missing, truncated or not JSON: redo the job
+        results = json.loads((Path(output_dir) / "results.json").read_text())
+    except (OSError, ValueError):  # missing, truncated or not JSON
         return None
     if not isinstance(results, dict) or any(key not in results for key in RESULT_KEYS):
         return None
-    if not isinstance(results["config"], dict) or _comparable(results["config"]) != _comparable(config):
+    if not isinstance(results["config"], dict) or results["samples"] != len(results["predictions"]):
         return None
-    if results["samples"] != len(results["predictions"]):
+    return results
+
+
+def completed_results(output_dir: str | Path, config: dict) -> dict | None:
+    """The results already in `output_dir` when they are complete and were made with `config`; else None."""
+    results = read_results(output_dir)
+    if results is None or comparable_config(results["config"]) != comparable_config(config):
         return None
     return results
 

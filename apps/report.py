@@ -36,7 +36,7 @@ def _overrides(job: Path) -> list[str]:
 
 def survey(folder: str | Path) -> tuple[list[dict], list[dict]]:
     """(complete results, failed jobs) under `folder`: a job folder is one with ``.hydra/`` or a results.json."""
-    from vtprune.apps.experiment import RESULT_KEYS
+    from vtprune.apps.experiment import read_results
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -44,15 +44,10 @@ def survey(folder: str | Path) -> tuple[list[dict], list[dict]]:
     jobs = {p.parent for p in folder.rglob("results.json")} | {p.parent for p in folder.rglob(".hydra") if p.is_dir()}
     results, failed = [], []
     for job in sorted(jobs):
-        try:
-            row = json.loads((job / "results.json").read_text())
-            if not isinstance(row, dict) or any(key not in row for key in RESULT_KEYS):
-                raise ValueError("incomplete results.json")
-        except OSError:
-            failed.append({"path": str(job), "reason": "no results.json", "overrides": _overrides(job)})
-            continue
-        except ValueError:
-            failed.append({"path": str(job), "reason": "results.json is incomplete or corrupt", "overrides": _overrides(job)})
+        row = read_results(job)
+        if row is None:
+            reason = "results.json is incomplete or corrupt" if (job / "results.json").exists() else "no results.json"
+            failed.append({"path": str(job), "reason": reason, "overrides": _overrides(job)})
             continue
         row["_path"] = str(job)
         results.append(row)
@@ -70,9 +65,9 @@ def model_label(result: dict) -> str:
 
 
 def _job_key(result: dict) -> str:
-    from vtprune.apps.experiment import _comparable
+    from vtprune.apps.experiment import comparable_config
 
-    return json.dumps(_comparable(result.get("config") or {}), sort_keys=True, default=str)
+    return json.dumps(comparable_config(result["config"]), sort_keys=True, default=str)
 
 
 def split_duplicates(results: list[dict]) -> tuple[list[dict], list[dict]]:
