@@ -59,6 +59,7 @@ class QwenEncoderRun:
     calls: dict
     raster_order: torch.Tensor | None  # Qwen2.5-VL: argsort(window_index)
     projections: dict | None = None  # block index -> that block's fused qkv projection output [S, 3 D]
+    deepstack: list[torch.Tensor] | None = None  # Qwen3-VL: per DeepStack level [G_total, D_llm], same order
 
 
 class QwenAttentionProbe:
@@ -183,6 +184,21 @@ class _Visual:
         return self.grid[0] * self.grid[1] * self.grid[2]
 
 
+def _group_by_run(embed: torch.Tensor, stats: ImageStats, levels: list[torch.Tensor], run: int):
+    """Reorder one clip's output tokens run by run (temporal group by group), keeping their order within a run:
+    a selection over the whole clip may list a later group's token first (VisionZip's contextual tokens)."""
+    group = stats.order.clamp(min=0) // run
+    permutation = torch.sort(group, stable=True).indices
+    if bool((permutation == torch.arange(permutation.numel())).all()):
+        return embed, stats, levels
+    new_slot = torch.empty_like(permutation)
+    new_slot[permutation] = torch.arange(permutation.numel())
+    assignment = torch.where(stats.assignment >= 0, new_slot[stats.assignment.clamp(min=0)], stats.assignment)
+    regrouped = ImageStats(stats.tokens_in, stats.tokens_out, stats.kept, stats.order[permutation], assignment, dict(stats.extra))
+    on = permutation.to(embed.device)
+    return embed[on], regrouped, [level[on.to(level.device)] for level in levels]
+
+
 class QwenVLIntegration(VLMIntegration):
     encoder_merging_unsupported = (
         "its ViT ends in a PatchMerger that concatenates each 2x2 group of four consecutive patches of a fixed grid "
@@ -196,6 +212,9 @@ class QwenVLIntegration(VLMIntegration):
     encoder_kwargs = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
     token_kwargs = {"labels": -100, "mm_token_type_ids": 0}
     options = dict(VIDEO_OPTIONS)
+    video_frame_runs: bool = False
+    """Whether the processor writes each temporal group of a video as its own placeholder run (Qwen3-VL, Qwen3.5:
+    a timestamp before each); the kept tokens of a group then stay in its run."""
 
     def __init__(self, model: torch.nn.Module, pruner, **options) -> None:
         super().__init__(model, pruner, **options)
@@ -287,7 +306,7 @@ class QwenVLIntegration(VLMIntegration):
         with capture_calls(visual.blocks, attention_layers) as calls, capture_layers(
             [visual.blocks[i].attn.qkv for i in layers], outputs=set(range(len(layers)))
         ) as (_, projected):
-            merged = visual(pixel_values.type(visual.dtype), grid_thw=grid).pooler_output
+            output = visual(pixel_values.type(visual.dtype), grid_thw=grid)
         raster_order = None
         if self._windowed:
             from transformers.vision_utils import get_vision_window_index
@@ -296,8 +315,11 @@ class QwenVLIntegration(VLMIntegration):
                 grid, spatial_merge_size=merge, window_size=visual.window_size, patch_size=visual.patch_size
             )
             raster_order = torch.argsort(window_index)
-        projections = {layers[i]: output for i, output in projected.items()}
-        return QwenEncoderRun(merged=merged, grid=grid, calls=dict(calls), raster_order=raster_order, projections=projections)
+        projections = {layers[i]: qkv for i, qkv in projected.items()}
+        return QwenEncoderRun(
+            merged=output.pooler_output, grid=grid, calls=dict(calls), raster_order=raster_order, projections=projections,
+            deepstack=list(getattr(output, "deepstack_features", None) or []),
+        )
 
     def _probe(self, run: QwenEncoderRun) -> QwenAttentionProbe:
         visual = self._visual
@@ -314,11 +336,15 @@ class QwenVLIntegration(VLMIntegration):
         return self.reduce_visuals({"image": run}, visuals, budgets)
 
     def reduce_visuals(self, runs: dict[str, QwenEncoderRun], visuals: list[_Visual], budgets: list[list[int]]) -> EncodedImages:
-        """Reduce the images and videos of encoder runs (`runs` by modality), one selection per budget entry."""
+        """Reduce the images and videos of encoder runs (`runs` by modality), one selection per budget entry;
+        DeepStack levels (Qwen3-VL) are reduced with the same indices and merge groups as the tokens."""
         merge = self._visual.spatial_merge_size
-        features_of = {m: list(torch.split(run.merged, (run.grid.prod(-1) // merge**2).tolist())) for m, run in runs.items()}
+        sizes = {m: (run.grid.prod(-1) // merge**2).tolist() for m, run in runs.items()}
+        features_of = {m: list(torch.split(run.merged, sizes[m])) for m, run in runs.items()}
+        levels_of = {m: [list(torch.split(level, sizes[m])) for level in run.deepstack or []] for m, run in runs.items()}
+        with_levels = any(levels_of.values())
         probes = {m: self._probe(run) for m, run in runs.items()}
-        features, grids, units, flat_budgets = [], [], [], []
+        features, grids, units, flat_budgets, carried = [], [], [], [], []
         for visual, keeps in zip(visuals, budgets):
             t, h, w = visual.grid
             whole = features_of[visual.modality][visual.index]
@@ -328,6 +354,7 @@ class QwenVLIntegration(VLMIntegration):
                 grids.append((t * h, w) if len(keeps) == 1 else (h, w))
                 units.append((probes[visual.modality], visual.index, part * size, (part + 1) * size))
                 flat_budgets.append(keep)
+                carried.append([level[visual.index][part * size : (part + 1) * size] for level in levels_of[visual.modality]])
         reduced = reduce_images(
             self.pruner,
             features,
@@ -337,21 +364,36 @@ class QwenVLIntegration(VLMIntegration):
             probe=_UnitProbe(units),
             projected=lambda: features,
             budgets=flat_budgets,
+            carried=carried if with_levels else None,
         )
-        embeds, orders, stats, start = [], [], [], 0
+        embeds, orders, stats, levels, segments, start = [], [], [], [], [], 0
         for visual, keeps in zip(visuals, budgets):
             parts = range(start, start + len(keeps))
             start += len(keeps)
             size = visual.tokens // len(keeps)
             offsets = [part * size for part in range(len(keeps))]
-            embeds.append(torch.cat([reduced.embeds[i] for i in parts]) if len(keeps) > 1 else reduced.embeds[parts[0]])
+            embed = torch.cat([reduced.embeds[i] for i in parts]) if len(keeps) > 1 else reduced.embeds[parts[0]]
             joined = ImageStats.join([reduced.stats[i] for i in parts], offsets)
+            level = [torch.cat([reduced.carried[i][j] for i in parts]) for j in range(len(carried[parts[0]]))] if with_levels else []
+            runs_of_visual = None
+            if visual.modality == "video" and self.video_frame_runs:
+                t, h, w = visual.grid
+                runs_of_visual = [h * w] * t
+                if len(keeps) == 1:  # one selection over the clip: bring each group's kept tokens together
+                    embed, joined, level = _group_by_run(embed, joined, level, h * w)
             joined.extra.update(modality=visual.modality, grid_thw=visual.grid)
             if len(keeps) > 1:
                 joined.extra["group_tokens_out"] = [reduced.stats[i].tokens_out for i in parts]
-            orders.append(joined.order.to(embeds[-1].device))
+            embeds.append(embed)
+            orders.append(joined.order.to(embed.device))
             stats.append(joined)
-        return EncodedImages(embeds=embeds, order=orders, stats=stats, selection_seconds=reduced.selection_seconds)
+            levels.append(level)
+            segments.append(runs_of_visual)
+        return EncodedImages(
+            embeds=embeds, order=orders, stats=stats, selection_seconds=reduced.selection_seconds,
+            carried=levels if with_levels else None,
+            segments=segments if any(run is not None for run in segments) else None,
+        )
 
     def placeholder_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         config = self.model.config

@@ -349,6 +349,10 @@ TINY_BUILDERS = {
     "llava_next": lambda seed: tiny_llava_next(seed=seed),
     "qwen2_vl": lambda seed: tiny_qwen_vl("2", seed=seed),
     "qwen2_5_vl": lambda seed: tiny_qwen_vl("2.5", seed=seed),
+    "qwen3_vl": lambda seed: tiny_qwen3_vl("3", seed=seed),
+    "qwen3_vl_moe": lambda seed: tiny_qwen3_vl("3-moe", seed=seed),
+    "qwen3_5": lambda seed: tiny_qwen3_vl("3.5", seed=seed),
+    "qwen3_5_moe": lambda seed: tiny_qwen3_vl("3.5-moe", seed=seed),
 }
 """Family name (``model.family`` of the tiny model configs, ``tiny:<family>`` of vtprune-calibrate) -> ``seed ->
 (model, processor)``."""
@@ -451,3 +455,108 @@ def tiny_llava_onevision(
 
 
 TINY_BUILDERS["llava_onevision"] = lambda seed: tiny_llava_onevision(seed=seed)
+
+
+# ---------------------------------------------------------------------------------------------- Qwen3-VL, Qwen3.5
+__all__ += ["tiny_qwen3_vl", "QWEN3_VERSIONS"]
+
+QWEN3_VERSIONS = ("3", "3-moe", "3.5", "3.5-moe")
+"""`tiny_qwen3_vl` versions: Qwen3-VL dense / MoE (DeepStack) and Qwen3.5 dense / MoE (hybrid attention)."""
+
+
+def tiny_qwen3_vl(
+    version: str = "3",
+    seed: int = 0,
+    vision_depth: int = 8,
+    vision_width: int = 32,
+    text_layers: int = 4,
+    text_width: int = 64,
+    deepstack_visual_indexes: tuple[int, ...] = (1, 3, 5),
+    min_pixels: int = 64 * 64,
+    max_pixels: int = 512 * 512,
+    attn_implementation: str = "sdpa",
+):
+    """A random-weight Qwen3-VL (``version="3"``, MoE ``"3-moe"``) or Qwen3.5 (``"3.5"``, ``"3.5-moe"``) with a
+    matching processor, offline. Returns ``(model, processor)``.
+
+    Real patch geometry (16-pixel patches, 2x2 merger, temporal patch 2, learned position embeddings), tiny widths.
+    Qwen3-VL taps `deepstack_visual_indexes` (three levels, as the released models) and uses interleaved M-RoPE;
+    Qwen3.5's language model alternates three linear-attention (gated DeltaNet) layers with one full-attention
+    layer, as released. The processor writes a ``<t seconds>`` timestamp before each temporal group of a video.
+    """
+    if version not in QWEN3_VERSIONS:
+        raise ValueError(f"version must be one of {QWEN3_VERSIONS}, got {version!r}")
+    import transformers
+    from transformers import Qwen3VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    tokenizer = byte_level_tokenizer(QWEN_SPECIAL_TOKENS, chat_template=QWEN_CHAT_TEMPLATE, pad_token="<pad>", eos_token="<|im_end|>")
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    heads = 4
+    moe = version.endswith("-moe")
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=text_width,
+        intermediate_size=2 * text_width,
+        num_hidden_layers=text_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    vision = dict(
+        depth=vision_depth,
+        hidden_size=vision_width,
+        intermediate_size=2 * vision_width,
+        num_heads=4,
+        out_hidden_size=text_width,
+        num_position_embeddings=64,  # an 8 x 8 learned grid, interpolated to each image as in the released models
+    )
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=text_width)
+    if version.startswith("3.5"):
+        head_dim = 32  # partial rotary 0.25: 8 rotary dims, M-RoPE sections of 2, 1, 1 frequency pairs
+        text.update(
+            head_dim=head_dim,
+            linear_key_head_dim=16,
+            linear_value_head_dim=16,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                             "mrope_section": [2, 1, 1], "mrope_interleaved": True},
+        )
+        if moe:
+            text.update(shared_expert_intermediate_size=text_width)
+        prefix = "Qwen3_5Moe" if moe else "Qwen3_5"
+    else:
+        head_dim = text_width // heads
+        text.update(
+            head_dim=head_dim,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2], "mrope_interleaved": True},
+        )
+        vision["deepstack_visual_indexes"] = list(deepstack_visual_indexes)
+        prefix = "Qwen3VLMoe" if moe else "Qwen3VL"
+    config_class = getattr(transformers, f"{prefix}Config")
+    model_class = getattr(transformers, f"{prefix}ForConditionalGeneration")
+    config = config_class(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    model = model_class(config)
+    _finish(model, tokenizer, attn_implementation, seed)
+    size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessorPil(patch_size=16, size=size),
+        tokenizer=tokenizer,
+        video_processor=Qwen3VLVideoProcessor(patch_size=16, size=size, cap_pixels_per_frame=False, do_sample_frames=False),
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+    return model, processor

@@ -147,6 +147,33 @@ def test_the_app_runs_llava_onevision_with_a_family_option(tmp_path):
     assert result["visual_tokens_in"]["mean"] == 259 and result["visual_tokens_out"]["mean"] == 60
 
 
+def test_the_app_runs_qwen3_vl(tmp_path):
+    """model=tiny_qwen3_vl (DeepStack): the 336 px synthetic images round to 320 px, 10 x 10 merged tokens."""
+    done = vtprune_cli(["model=tiny_qwen3_vl", "pruner=divprune", "pruner.keep=25", "hydra.run.dir=job", *RUN[1:], "benchmark.size=2"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "job" / "results.json").read_text())
+    assert result["config"]["model"]["family"] == "qwen3_vl"
+    assert result["visual_tokens_in"]["mean"] == 100 and result["visual_tokens_out"]["mean"] == 25
+
+
+def test_every_model_config_names_a_supported_class():
+    """Each Hub config names a transformers class that vtprune supports; each tiny config a tiny family."""
+    from pathlib import Path
+
+    import transformers
+    import yaml
+
+    import vtprune
+    from vtprune.integrations.tiny_models import TINY_BUILDERS
+
+    configs = sorted((Path(__file__).parent.parent / "configs" / "model").glob("*.yaml"))
+    hub = [yaml.safe_load(path.read_text()) for path in configs if yaml.safe_load(path.read_text())["source"] == "hub"]
+    assert {spec["class"] for spec in hub} <= set(vtprune.supported_model_classes())
+    assert all(hasattr(transformers, spec["class"]) for spec in hub)
+    tiny = [yaml.safe_load(path.read_text())["family"] for path in configs if yaml.safe_load(path.read_text())["source"] == "tiny"]
+    assert set(tiny) == set(TINY_BUILDERS)
+
+
 def test_report_rejects_an_empty_folder(tmp_path):
     from vtprune.apps.report import main as report
 

@@ -312,7 +312,9 @@ def test_the_families_are_registered_through_entry_points():
         "llava_next": "vtprune.integrations.llava_next:LlavaNextIntegration",
         "llava_onevision": "vtprune.integrations.llava_onevision:LlavaOnevisionIntegration",
         "qwen_vl": "vtprune.integrations.qwen_vl:QwenVLIntegration",
+        "qwen3_vl": "vtprune.integrations.qwen3_vl:Qwen3VLIntegration",
         "timm_vit": "vtprune.integrations.timm_vit:TimmViTIntegration",
     }
     assert "Qwen2_5_VLForConditionalGeneration" in supported_model_classes()
+    assert {"Qwen3VLMoeForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration"} <= set(supported_model_classes())
     assert "LlavaOnevisionForConditionalGeneration" in supported_model_classes()

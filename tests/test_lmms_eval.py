@@ -233,11 +233,15 @@ def workspace(tmp_path_factory):
     from transformers import AutoProcessor
     from vtprune.eval.synthetic import generate, to_parquet
 
-    from vtprune.integrations.tiny_models import tiny_llava, tiny_llava_onevision, tiny_qwen_vl
+    from vtprune.integrations.tiny_models import tiny_llava, tiny_llava_onevision, tiny_qwen3_vl, tiny_qwen_vl
 
     root = tmp_path_factory.mktemp("lmms_eval")
     models = {}
-    for name, build in (("llava", tiny_llava), ("qwen2_vl", lambda: tiny_qwen_vl("2")), ("llava_onevision", tiny_llava_onevision)):
+    builders = (
+        ("llava", tiny_llava), ("qwen2_vl", lambda: tiny_qwen_vl("2")), ("llava_onevision", tiny_llava_onevision),
+        ("qwen3_vl", lambda: tiny_qwen3_vl("3")), ("qwen3_5", lambda: tiny_qwen3_vl("3.5")),
+    )
+    for name, build in builders:
         model, processor = build()
         folder = root / name
         model.save_pretrained(folder)
@@ -360,6 +364,25 @@ def test_cli_qwen2_vl_batched(workspace):
     assert "VTPruneQwen2VL" in results["config"]["model_backend"]
     assert len(samples) == 8 and "exact_match,none" in results["results"][TASK]
     check_summary(results, images=8, tokens_in=144, tokens_out=16)
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_5"])
+def test_cli_qwen3_batched(workspace, family):
+    """lmms-eval's own batched Qwen3-VL (DeepStack) and Qwen3.5 chat classes with vtprune patched in: the 336 px
+    images round to 320 px, 20 x 20 patches of 16, 10 x 10 merged tokens."""
+    _, models, _ = workspace
+    results, samples, _ = run_lmms_eval(
+        workspace,
+        family,
+        f"vtprune_{family}",
+        f"pretrained={models[family]},device_map=cpu,pruner=fastervlm,keep=16",
+        "--batch_size", "4",
+        "--limit", "8",
+    )  # fmt: skip
+    backend = {"qwen3_vl": "VTPruneQwen3VLChat", "qwen3_5": "VTPruneQwen3_5Chat"}[family]
+    assert backend in results["config"]["model_backend"]
+    assert len(samples) == 8 and "exact_match,none" in results["results"][TASK]
+    check_summary(results, images=8, tokens_in=100, tokens_out=16)
 
 
 def test_cli_llava_onevision_images_batched(workspace):

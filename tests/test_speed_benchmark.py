@@ -212,3 +212,40 @@ def test_video_cases_every_row_is_the_unpatched_model_on_the_kept_tokens(video_r
             assert row["tokens_in"] == tokens and row["tokens_out"] == row["keep"] + extra
             assert row["identity_check"] is True, (name, row["pruner"], row["keep"], row["identity_detail"])
             assert row["pruned_tflops"] < row["unpruned_tflops"]
+
+
+# ---------------------------------------------------------------------------------------------- Qwen3-VL
+def test_qwen3_vl_case_every_row_is_the_unpatched_model_on_the_kept_tokens(speed, tmp_path):
+    """qwen3-vl-2b (opt-in): 512 px -> 16 x 16 merged tokens; the identity check covers the DeepStack inputs too
+    (the pruned run's `visual_pos_masks` and levels equal the oracle's, which the unpatched model builds)."""
+    assert "qwen3-vl-2b" in speed.CASES and "qwen3-vl-2b" not in speed.parse_args([]).families
+    argv = ["--tiny", "--families", "qwen3-vl-2b", "--pruners", "fastervlm", "divprune", "hiprune", "visionzip", "pool",
+            "--repeats", "1", "--threads", "1", "--quiet", "--out", str(tmp_path)]
+    result = speed.main(argv)
+    (family,) = result["families"]
+    assert family["tokens_per_image"] == 256 and family["skipped"] == []
+    assert {(r["pruner"], r["keep"]) for r in result["rows"]} == {
+        (p, k) for p in ("fastervlm", "divprune", "hiprune", "visionzip", "pool") for k in (192, 128, 64)
+    }
+    for row in result["rows"]:
+        detail = row["identity_detail"]
+        assert row["identity_check"] is True and detail["llm_inputs_equal"], (row["pruner"], row["keep"], detail)
+        assert detail["logits_equal"] and row["tokens_out"] == row["keep"]
+        assert detail["kept_visual_match"] is (None if row["pruner"] in ("visionzip", "pool") else True)
+        assert row["uses"] == (["global_attention"] if row["pruner"] == "fastervlm" else row["uses"])
+
+
+def test_qwen3_vl_case_is_the_unpatched_model(speed):
+    """The case's unpruned inputs (the cached tower pass handed in as mm_encoder_outputs, DeepStack included) give
+    the logits of the unpatched model run on pixels."""
+    import torch
+
+    case = speed.Qwen3VLCase(2, 8, True, torch.device("cpu"), torch.float32)
+    model = case.build()
+    inputs = case.inputs()
+    with torch.no_grad():
+        cache, _ = case.time_vision(inputs, set(), 1)
+        unpatched = model(**inputs, logits_to_keep=1).logits
+        from_cache = type(model).forward(model, **case.unpruned_llm_inputs(inputs, cache), logits_to_keep=1).logits
+    assert len(cache.run.deepstack) == 2
+    torch.testing.assert_close(from_cache, unpatched)

@@ -87,6 +87,11 @@ class EncodedImages:
     order: list[torch.Tensor]  # per image [K_i]; -1 = CLS
     stats: list[ImageStats]
     selection_seconds: float = 0.0
+    carried: list[list[torch.Tensor]] | None = None
+    """Per image, the reduced values that travel with its tokens (`reduce_images`' ``carried``), ``[K_i, D]`` each."""
+    segments: list[list[int] | None] | None = None
+    """Per image, the sizes of the placeholder runs its tokens split into in the prompt (a video's frames between
+    timestamps), or None for one run; see `vtprune.sequence.find_image_slots`."""
 
     @property
     def tokens_in(self) -> list[int]:
@@ -109,6 +114,7 @@ def reduce_images(
     projected: Callable[[], Sequence[torch.Tensor]] | None = None,
     budgets: Sequence[int] | None = None,
     gather_projected: bool = False,
+    carried: Sequence[Sequence[torch.Tensor]] | None = None,
 ) -> EncodedImages:
     """Run `pruner` on each image and return LLM-space embeddings of the surviving tokens.
 
@@ -122,6 +128,8 @@ def reduce_images(
         gather_projected: selected tokens always come from `projected`, never from projecting `features`: for
             families whose LLM tokens are mixed after the projector (pooled or resized), so that the projection
             of a feature is not the LLM's token.
+        carried: per image a list of ``[N_i, D]`` values that travel with its tokens (Qwen3-VL's DeepStack
+            levels), each reduced as the tokens were (`Reduction.carry`); returned as `EncodedImages.carried`.
     """
     cache: dict[str, Sequence[torch.Tensor]] = {}
 
@@ -133,7 +141,7 @@ def reduce_images(
     device = features[0].device if len(features) else torch.device("cpu")
     _synchronize(device)
     started = time.perf_counter()
-    embeds, orders, stats = [], [], []
+    embeds, orders, stats, carried_out = [], [], [], []
     for i, feats in enumerate(features):
         n = feats.shape[0]
         keep = budgets[i] if budgets is not None else pruner.budget.resolve(n, where=f"image {i}")
@@ -163,9 +171,14 @@ def reduce_images(
         embeds.append(gathered)
         orders.append(reduction.order)
         stats.append(ImageStats.from_reduction(reduction, n))
+        if carried is not None:
+            carried_out.append([reduction.carry(values) for values in carried[i]])
     _synchronize(device)
     # Selection time includes projecting the tokens the LLM receives (the unpatched model projects all N).
-    return EncodedImages(embeds=embeds, order=orders, stats=stats, selection_seconds=time.perf_counter() - started)
+    return EncodedImages(
+        embeds=embeds, order=orders, stats=stats, selection_seconds=time.perf_counter() - started,
+        carried=carried_out if carried is not None else None,
+    )
 
 
 def _check_reduction(pruner: Pruner, reduction: Reduction, n: int, keep: int) -> None:

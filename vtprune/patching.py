@@ -167,7 +167,7 @@ class VLMSplice:
             inputs["attention_mask"] = self._infer_generate_mask(input_ids)
         # In-encoder merging methods (vtprune.merging) change the encoder run itself: the integration's own path.
         encoded = integration.encode_merged(inputs) if self.handle.pruner.kind == "encoder_merging" else integration.encode(inputs)
-        slots = find_image_slots(integration.placeholder_mask(input_ids), encoded.tokens_in)
+        slots = find_image_slots(integration.placeholder_mask(input_ids), encoded.tokens_in, encoded.segments)
         position_ids = integration.position_ids_for(inputs, for_generate, self.positions)
         pad_id = integration.pad_token_id
         sequence = compress(

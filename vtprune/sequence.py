@@ -24,10 +24,34 @@ POSITION_MODES = ("compact", "preserve")
 
 @dataclass
 class ImageSlot:
-    """Where one image sits in the batch: its row and the sequence indices of its N placeholders."""
+    """Where one image sits in the batch: its row and the sequence indices of its N placeholders.
+
+    ``segments``: when the image's placeholders form several runs separated by text (Qwen3-VL writes a timestamp
+    before each frame of a video), the run sizes; each kept token then fills its own run, so a frame's tokens
+    stay after that frame's timestamp. None: one run, the kept tokens fill its first placeholders.
+    """
 
     row: int
     positions: torch.Tensor  # [N] long, increasing
+    segments: list[int] | None = None
+
+    def output_columns(self, order: torch.Tensor) -> torch.Tensor:
+        """``[K]`` the placeholder columns the K output tokens (representatives `order`) occupy: the first K, or
+        with segments the first ones of each token's own run; outputs of one run must be contiguous, in run
+        order."""
+        k = order.numel()
+        if self.segments is None:
+            return self.positions[:k]
+        device = self.positions.device
+        ends = torch.tensor(self.segments, device=device).cumsum(0)
+        segment = torch.bucketize(order.to(device).clamp(min=0), ends, right=True)
+        if k and bool((segment[1:] < segment[:-1]).any()):
+            raise ValueError("output tokens of a segmented image must come run by run, in the order of the runs")
+        counts = torch.bincount(segment, minlength=len(self.segments))
+        starts = ends - torch.tensor(self.segments, device=device)
+        first_output = counts.cumsum(0) - counts
+        rank = torch.arange(k, device=device) - first_output[segment]
+        return self.positions[starts[segment] + rank]
 
 
 @dataclass
@@ -51,11 +75,16 @@ class PrunedSequence:
         return mask
 
 
-def find_image_slots(placeholder_mask: torch.Tensor, tokens_per_image: Sequence[int]) -> list[ImageSlot]:
+def find_image_slots(
+    placeholder_mask: torch.Tensor,
+    tokens_per_image: Sequence[int],
+    segments: Sequence[Sequence[int] | None] | None = None,
+) -> list[ImageSlot]:
     """Assign consecutive placeholders, in row-major order, to images of the given sizes.
 
     Images are matched to placeholders in the order the processor emits them (row by row, left to right),
-    which is the order of `pixel_values`. Adjacent images (``<image><image>``) are split by count.
+    which is the order of `pixel_values`. Adjacent images (``<image><image>``) are split by count. `segments`
+    (per image, run sizes or None) becomes `ImageSlot.segments`.
     """
     rows, cols = placeholder_mask.nonzero(as_tuple=True)
     total = int(sum(tokens_per_image))
@@ -71,7 +100,10 @@ def find_image_slots(placeholder_mask: torch.Tensor, tokens_per_image: Sequence[
         row = rows[start : start + count]
         if count and not bool((row == row[0]).all()):
             raise ValueError("an image's placeholder tokens span two batch rows; check the prompts and images")
-        slots.append(ImageSlot(row=int(row[0]) if count else 0, positions=cols[start : start + count]))
+        runs = None if segments is None or segments[len(slots)] is None else list(segments[len(slots)])
+        if runs is not None and sum(runs) != count:
+            raise ValueError(f"an image's runs {runs} do not add up to its {count} placeholder tokens")
+        slots.append(ImageSlot(row=int(row[0]) if count else 0, positions=cols[start : start + count], segments=runs))
         start += count
     return slots
 
@@ -123,10 +155,17 @@ def compress(
             k = emb.shape[0]
             if k > slot.positions.numel():
                 raise ValueError(f"an image produced {k} tokens but has only {slot.positions.numel()} placeholders")
+            columns = slot.output_columns(order)
+            if slot.segments is None:
+                left = slot.positions[k:]
+            else:
+                dropped = torch.ones(slot.positions.numel(), dtype=torch.bool, device=device)
+                dropped[torch.searchsorted(slot.positions, columns)] = False
+                left = slot.positions[dropped]
             rows_out.append(torch.full((k,), slot.row, dtype=torch.long, device=device))
-            cols_out.append(slot.positions[:k])
+            cols_out.append(columns)
             rows_drop.append(torch.full((slot.positions.numel() - k,), slot.row, dtype=torch.long, device=device))
-            cols_drop.append(slot.positions[k:])
+            cols_drop.append(left)
             rep = order.to(device).clamp(min=0)  # the CLS token (-1) takes the image's first position
             rep_cols.append(slot.positions[rep])
         rows_out_t, cols_out_t = torch.cat(rows_out), torch.cat(cols_out)

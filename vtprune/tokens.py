@@ -190,12 +190,16 @@ class Reduction:
         space: ``"vision"`` (before the projector) or ``"llm"`` (after it) for `features`.
         assignment: ``[N]`` output slot each original token contributes to, ``-1`` when dropped; ``None`` for
             pure selection (derived from `order`).
+        weights: ``[N]`` for a merge, the weight of each original token in the output it is assigned to, so that
+            output ``j`` is ``sum(weights[i] * x[i] for i assigned to j)`` (a mean: ``1 / group size``); what lets
+            `carry` reduce other per-token values the same way. ``None`` for pure selection.
     """
 
     order: torch.Tensor
     features: torch.Tensor | None = None
     space: FeatureSpace = "vision"
     assignment: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
 
     @classmethod
     def select(cls, indices: torch.Tensor) -> "Reduction":
@@ -211,6 +215,26 @@ class Reduction:
         """Sorted indices of the surviving (representative) visual tokens; excludes the CLS token."""
         reps = self.order[self.order >= 0]
         return torch.unique(reps)
+
+    def carry(self, values: torch.Tensor) -> torch.Tensor:
+        """``[N, D]`` per-token values that travel with the visual tokens (e.g. Qwen3-VL's DeepStack features)
+        -> ``[K, D]`` reduced exactly as the tokens were: gathered at `order` for a selection; for a merge, each
+        output's `weights`-weighted sum of the tokens assigned to it."""
+        if bool((self.order < 0).any()):
+            raise ValueError("the CLS token has no per-token values to carry")
+        if self.features is None:
+            return values[self.order.to(values.device)]
+        if self.assignment is None or self.weights is None:
+            raise ValueError(
+                "this merge does not say how it combined the tokens (Reduction.weights), so values that travel "
+                "with the tokens cannot be reduced alike; use a selection pruner or give the merge weights"
+            )
+        assignment, weights = self.assignment.to(values.device), self.weights.to(values.device)
+        member = assignment >= 0
+        acc_dtype = torch.promote_types(values.dtype, torch.float32)
+        out = torch.zeros(self.num_out, values.shape[1], dtype=acc_dtype, device=values.device)
+        out.index_add_(0, assignment[member], values[member].to(acc_dtype) * weights[member, None].to(acc_dtype))
+        return out.to(values.dtype)
 
     def full_assignment(self, num_tokens: int) -> torch.Tensor:
         if self.assignment is not None:

@@ -28,6 +28,13 @@ Models (random weights, eval mode, ``torch.no_grad``; fp32 on CPU, fp16 on CUDA;
 - ``qwen2-vl-2b-video`` (opt-in): the ``qwen2-vl-2b`` model on a video of 16 frames at 448 x 448: 8 temporal
   groups of 16 x 16 merged tokens, 2048 video tokens, one selection over the whole clip
   (``video_scope="video"``). Budgets 512 / 205 (25 % and 10 %) as ``video_keep``.
+- ``qwen3-vl-2b`` (opt-in): `Qwen3VLForConditionalGeneration` at Qwen3-VL-2B geometry: its ViT (depth 24, width
+  1024, 16 heads, patch 16, learned 48 x 48 position grid, DeepStack taps at blocks 5 / 11 / 17, 2x2 merger to 2048)
+  at 512 x 512 (1024 patches -> 256 LLM tokens) and its Qwen3 LLM (hidden 2048, FFN 6144, 16 heads, 8 KV heads,
+  head dim 128, interleaved M-RoPE, vocab 151936, tied), reduced depth (full depth 28). Budgets 192 / 128 / 64.
+  The unpruned run, the oracle and the pruned run all add DeepStack (the unpatched model builds it from the
+  tokens handed in as ``mm_encoder_outputs``: all 256, or the kept ones), and the identity check compares the
+  ``visual_pos_masks`` and levels the language model received.
 
 Each prompt is one image and ``--text-tokens`` (default 48) text tokens, batch 1.
 
@@ -105,8 +112,8 @@ Outputs under ``--out``: ``results.json`` (every field above), ``table.md`` (pri
 from vtprune.eval.speed.cli import main, parse_args
 from vtprune.eval.speed.fixes import FIX_CANDIDATES, ClsRowProbe, FixCandidate
 from vtprune.eval.speed.geometry import (
-    CASES, DEFAULT_FAMILIES, FLOPS_CONVENTION, Case, LlavaCase, LlavaNextCase, LlavaNextRunCache, QwenCase, RunCache,
-    prefill_flops,
+    CASES, DEFAULT_FAMILIES, FLOPS_CONVENTION, Case, LlavaCase, LlavaNextCase, LlavaNextRunCache, Qwen3VLCase, QwenCase,
+    RunCache, prefill_flops,
 )
 from vtprune.eval.speed.measure import MiB, LayerClock, clock, mb, peak_memory, pick_device, record_statistics, synchronize
 from vtprune.eval.speed.protocol import TARGETS, full_depth, run_case
@@ -118,7 +125,7 @@ from vtprune.eval.speed.scaling import (
 __all__ = [
     "CASES", "DEFAULT_FAMILIES", "EXPECTED_EXPONENT", "FIX_CANDIDATES", "FLOPS_CONVENTION", "LONG_RUN_S", "ROW_FIELDS",
     "SCALING_FIELDS", "SHORT_RUN_REPEATS", "SHORT_RUN_S", "TARGETS", "Case", "ClsRowProbe", "FixCandidate", "LayerClock",
-    "LlavaCase", "LlavaNextCase", "LlavaNextRunCache", "MiB", "QwenCase", "RunCache", "clock", "cpu_model",
+    "LlavaCase", "LlavaNextCase", "LlavaNextRunCache", "MiB", "Qwen3VLCase", "QwenCase", "RunCache", "clock", "cpu_model",
     "environment", "full_depth", "main", "markdown", "mb", "near_square_grid", "parse_args", "peak_memory",
     "pick_device", "plot", "prefill_flops", "record_statistics", "run_case", "run_scaling", "scaling_keep",
     "summarize_targets", "synchronize",

@@ -1,5 +1,5 @@
 """The benchmarked model families at their published geometry (random weights): the `Case` base, one subclass per
-family (`LlavaCase`, `QwenCase`, `LlavaNextCase`, `QwenVideoCase`, `OnevisionVideoCase`), `CASES`, `DEFAULT_FAMILIES`, and the FLOPs of a geometry
+family (`LlavaCase`, `QwenCase`, `LlavaNextCase`, `QwenVideoCase`, `OnevisionVideoCase`, `Qwen3VLCase`), `CASES`, `DEFAULT_FAMILIES`, and the FLOPs of a geometry
 (`vtprune.flops.prefill_flops`, `FLOPS_CONVENTION`). To add a family, subclass `Case` here and list it in `CASES`.
 """
 
@@ -90,6 +90,16 @@ class Case:
     def expected_visual(self, cache, order: torch.Tensor) -> torch.Tensor:
         """LLM-space embeddings of the visual tokens `order`, recomputed independently of vtprune."""
         raise NotImplementedError
+
+    def oracle_kwargs(self, sequence, pruned_inputs: dict) -> dict:
+        """The unpatched forward's arguments for exactly the pruned sequence of a pruned run (`pruned_inputs`: what
+        that run handed the language model): its embeddings, mask and positions."""
+        return {
+            "inputs_embeds": sequence.inputs_embeds,
+            "attention_mask": sequence.attention_mask,
+            "position_ids": sequence.position_ids,
+            **{k: v for k, v in sequence.extras.items() if v is not None},
+        }
 
     def score_heads_and_length(self) -> tuple[int, int]:
         """Heads (times the images or crops the tower runs at once) and sequence length of the encoder block
@@ -608,9 +618,93 @@ class OnevisionVideoCase(Case):
         return self.geometry["vision"]["heads"] * self.frames, 729  # the tower attends within each frame
 
 
+class Qwen3VLCase(QwenCase):
+    """Qwen3-VL-2B: its ViT (16-pixel patches, learned position grid, DeepStack taps 5 / 11 / 17) at 512 x 512 and
+    its Qwen3-1.7B-class LLM (interleaved M-RoPE), reduced depth. The unpatched model, the oracle and the pruned run
+    all add the three DeepStack levels (of all 256 tokens, or of the kept ones) to the first decoder layers."""
+
+    name = "qwen3-vl-2b"
+    label = "Qwen3-VL-2B (Qwen3-VL ViT at 512x512, DeepStack, Qwen3 LLM)"
+    full_layers = 28
+
+    def __init__(self, *args, **kwargs) -> None:
+        Case.__init__(self, *args, **kwargs)
+        if self.tiny:
+            vision = {"depth": 4, "hidden": 32, "intermediate": 64, "num_heads": 4, "deepstack_visual_indexes": [1, 2]}
+            hidden, ffn, heads, kv, head_dim, mrope = 64, 128, 4, 2, 16, [4, 2, 2]
+        else:
+            vision = {"depth": 24, "hidden": 1024, "intermediate": 4096, "num_heads": 16, "deepstack_visual_indexes": [5, 11, 17]}
+            hidden, ffn, heads, kv, head_dim, mrope = 2048, 6144, 16, 8, 128, [24, 20, 20]
+        self.hidden, self.ffn, self.kv_heads, self.head_dim = hidden, ffn, kv, head_dim
+        self.image_size = 512
+        self.geometry = {
+            "vision": {"model": "Qwen3-VL ViT", **vision, "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                       "num_position_embeddings": 2304, "image_size": self.image_size, "out_hidden": hidden},
+            "llm": {"model": "Qwen3 (Qwen3-VL-2B geometry)", "hidden": hidden, "intermediate": ffn, "heads": heads,
+                    "kv_heads": kv, "head_dim": head_dim, "vocab": 151936, "mrope_section": mrope, "mrope_interleaved": True,
+                    "layers_run": self.llm_layers, "layers_full": self.full_layers, "tie_word_embeddings": True},
+        }
+
+    def integration_class(self):
+        from vtprune.integrations.qwen3_vl import Qwen3VLIntegration
+
+        return Qwen3VLIntegration
+
+    @property
+    def _side(self) -> int:
+        return self.image_size // 16
+
+    def build(self):
+        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+        v, t = self.geometry["vision"], self.geometry["llm"]
+        text = dict(
+            vocab_size=t["vocab"], hidden_size=t["hidden"], intermediate_size=t["intermediate"],
+            num_hidden_layers=self.llm_layers, num_attention_heads=t["heads"], num_key_value_heads=t["kv_heads"],
+            head_dim=t["head_dim"], max_position_embeddings=32768, tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "mrope_section": t["mrope_section"], "mrope_interleaved": True, "rope_theta": 5000000.0},
+        )
+        vision = dict(
+            depth=v["depth"], hidden_size=v["hidden"], intermediate_size=v["intermediate"], num_heads=v["num_heads"],
+            out_hidden_size=t["hidden"], patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+            num_position_embeddings=v["num_position_embeddings"], deepstack_visual_indexes=v["deepstack_visual_indexes"],
+        )
+        config = Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True)
+        self.model = self._construct(Qwen3VLForConditionalGeneration, config)
+        return self.model
+
+    def inputs(self) -> dict:
+        inputs = super().inputs()
+        g = torch.Generator().manual_seed(2)
+        patches = self._side * self._side
+        inputs["pixel_values"] = torch.randn(patches, 3 * 2 * 16 * 16, generator=g).to(self.device, self.dtype)
+        return inputs
+
+    @staticmethod
+    def _encoder_outputs(visual: torch.Tensor, levels: list[torch.Tensor]) -> dict:
+        """`mm_encoder_outputs` for the unpatched forward: the model splices `visual` and builds DeepStack itself."""
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+
+        return {"image": BaseModelOutputWithDeepstackFeatures(pooler_output=[visual], deepstack_features=[[level] for level in levels])}
+
+    def unpruned_llm_inputs(self, inputs: dict, cache: RunCache) -> dict:
+        ids = inputs["input_ids"]
+        positions, _ = self.model.model.get_rope_index(
+            ids, mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
+            attention_mask=inputs["attention_mask"],
+        )
+        return {"input_ids": ids, "attention_mask": inputs["attention_mask"], "position_ids": positions,
+                "mm_encoder_outputs": self._encoder_outputs(cache.run.merged, cache.run.deepstack)}
+
+    def oracle_kwargs(self, sequence, pruned_inputs: dict) -> dict:
+        visual = sequence.input_ids == self.image_token_id
+        return {"input_ids": sequence.input_ids, "attention_mask": sequence.attention_mask, "position_ids": sequence.position_ids,
+                "mm_encoder_outputs": self._encoder_outputs(sequence.inputs_embeds[visual], pruned_inputs["deepstack_visual_embeds"])}
+
+
 CASES: dict[str, type[Case]] = {
     "llava-1.5-7b": LlavaCase, "qwen2-vl-2b": QwenCase, "llava-next-7b": LlavaNextCase, "qwen2-vl-2b-video": QwenVideoCase,
-    "llava-onevision-0.5b-video": OnevisionVideoCase,
+    "llava-onevision-0.5b-video": OnevisionVideoCase, "qwen3-vl-2b": Qwen3VLCase,
 }
 """Benchmarked families."""
 

@@ -10,12 +10,16 @@ from typing import Any
 import torch
 
 
+LLM_INPUTS = ("inputs_embeds", "attention_mask", "position_ids", "visual_pos_masks", "deepstack_visual_embeds")
+"""What the identity check compares of the language model's input (the last two: Qwen3-VL's DeepStack)."""
+
+
 def _capture_llm_inputs(language_model):
     box: dict[str, Any] = {}
 
     def hook(module, args, kwargs):
         box.clear()
-        box.update({name: kwargs.get(name) for name in ("inputs_embeds", "attention_mask", "position_ids")})
+        box.update({name: kwargs.get(name) for name in LLM_INPUTS})
 
     return box, language_model.register_forward_pre_hook(hook, with_kwargs=True)
 
@@ -23,6 +27,8 @@ def _capture_llm_inputs(language_model):
 def _same(a, b) -> bool:
     if a is None or b is None:
         return a is None and b is None
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_same, a, b))
     return a.shape == b.shape and bool(torch.equal(a, b))
 
 
@@ -33,7 +39,7 @@ def _is_pure_selection(stat) -> bool:
 
 def _identity(case, cache, pruned_inputs: dict, oracle_inputs: dict, sequence, stat, out, oracle_out) -> dict:
     """The benchmark's own check that the oracle ran the very sequence the pruned run gave the LLM."""
-    llm_inputs_equal = all(_same(pruned_inputs.get(k), oracle_inputs.get(k)) for k in ("inputs_embeds", "attention_mask", "position_ids"))
+    llm_inputs_equal = all(_same(pruned_inputs.get(k), oracle_inputs.get(k)) for k in LLM_INPUTS)
     logits_equal = _same(out.logits, oracle_out.logits)
     embeds = sequence.inputs_embeds[0]
     image_columns = sequence.input_ids[0] == case.image_token_id

@@ -137,12 +137,7 @@ def _run_row(case, name, keep, inputs, cache, forward, layer_clock, captured, un
             p_sel.append(handle.selection_time)
             pruned_inputs = dict(captured)
             sequence, stats = handle.last_sequence, handle.stats
-            oracle_kwargs = {
-                "inputs_embeds": sequence.inputs_embeds,
-                "attention_mask": sequence.attention_mask,
-                "position_ids": sequence.position_ids,
-                **{k: v for k, v in sequence.extras.items() if v is not None},
-            }
+            oracle_kwargs = case.oracle_kwargs(sequence, pruned_inputs)
             layer_clock.reset()
             start = clock(device)
             oracle_out = forward(model, **oracle_kwargs, logits_to_keep=1)

@@ -1,6 +1,7 @@
-"""lmms-eval plugin: lmms-eval's own LLaVA-HF, Qwen2-VL and Qwen2.5-VL models with vtprune patched in.
+"""lmms-eval plugin: lmms-eval's own LLaVA-HF, Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3.5 models with vtprune
+patched in.
 
-Installing vtprune registers four models with lmms-eval (entry-point group ``lmms_eval.models``, lmms-eval
+Installing vtprune registers six models with lmms-eval (entry-point group ``lmms_eval.models``, lmms-eval
 0.6+). Each one subclasses lmms-eval's class of the same family, pops vtprune's arguments from ``--model_args``
 before delegating to it, and patches the model it loaded with `vtprune.apply`:
 
@@ -12,6 +13,8 @@ before delegating to it, and patches the model it loaded with `vtprune.apply`:
 ``vtprune_llava_onevision`` ``llava_hf`` (both), images and videos                 LLaVA-OneVision
 ``vtprune_qwen2_vl``        ``qwen2_vl`` (simple only, as in lmms-eval)            Qwen2-VL
 ``vtprune_qwen2_5_vl``      ``qwen2_5_vl`` (both)                                  Qwen2.5-VL
+``vtprune_qwen3_vl``        ``qwen3_vl`` (both), dense and MoE (DeepStack)         Qwen3-VL
+``vtprune_qwen3_5``         ``qwen3_5`` (both), dense and MoE                      Qwen3.5
 ==========================  =====================================================  ======================
 
 Like lmms-eval's own ids, a model with both classes runs the chat class unless ``--force_simple`` is given.
@@ -59,7 +62,10 @@ set the video budget (a per-image ``keep`` alone is refused on a video). lmms-ev
 batch and are used as they are (Qwen2-VL's tokenizer is switched to left padding, which batched generation
 needs); the Qwen integration prunes video tokens too, with ``pruner_video_keep`` / ``pruner_video_ratio`` /
 ``pruner_video_scope`` (lmms-eval reads the videos itself, with ``decord``; that path is not in the offline
-test suite).
+test suite). lmms-eval's Qwen3-VL / Qwen3.5 classes load in bfloat16 and pick the MoE class when the
+``pretrained`` name holds ``A<n>B`` (``Qwen3-VL-30B-A3B-Instruct``): a local copy of a MoE checkpoint must keep
+that in its folder name. Their generate passes the processor's whole output, ``mm_token_type_ids`` included, which
+the Qwen3 M-RoPE needs.
 
 Visual-token statistics, logged into lmms-eval's outputs:
 
@@ -80,7 +86,8 @@ The package, one module a concern and one short module a family:
 - ``settings``: vtprune's ``--model_args`` (`pop_vtprune_args`, `PruneSettings`), checked before a model loads;
 - ``base``: vtprune's part of every class (patching, statistics, ``clean``); ``token_stats``: the statistics;
 - ``batched_llava``: the batched LLaVA-HF loops; ``loading``: importing lmms-eval's model modules;
-- ``llava_hf``, ``llava_onevision``, ``qwen2_vl``, ``qwen2_5_vl``: the model classes, each a few lines;
+- ``llava_hf``, ``llava_onevision``, ``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``, ``qwen3_5``: the model classes,
+  each a few lines;
 - ``check``: does the installed lmms-eval run its evaluator (``python -m vtprune.integrations.lmms_eval.check``).
 
 Importing this package needs neither lmms-eval nor a model: lmms-eval's registry imports a family module
@@ -104,6 +111,8 @@ MODELS: dict[str, tuple[str, str | None]] = {
     "vtprune_llava_onevision": ("llava_onevision.VTPruneLlavaOnevision", "llava_onevision.VTPruneLlavaOnevisionChat"),
     "vtprune_qwen2_vl": ("qwen2_vl.VTPruneQwen2VL", None),
     "vtprune_qwen2_5_vl": ("qwen2_5_vl.VTPruneQwen2_5_VL", "qwen2_5_vl.VTPruneQwen2_5_VLChat"),
+    "vtprune_qwen3_vl": ("qwen3_vl.VTPruneQwen3VL", "qwen3_vl.VTPruneQwen3VLChat"),
+    "vtprune_qwen3_5": ("qwen3_5.VTPruneQwen3_5", "qwen3_5.VTPruneQwen3_5Chat"),
 }
 """lmms-eval model id -> (simple class, chat class), as ``module.Class`` paths inside this package."""
 

@@ -98,7 +98,8 @@ class Pool(Pruner):
         pooled = (sums / counts[:, None]).to(x.dtype)
 
         order = (_centres(rows, gh, device)[:, None] * cols + _centres(cols, gw, device)[None, :]).reshape(-1)
-        return Reduction(order=order, features=pooled, space=self.space, assignment=assignment)
+        weights = (1.0 / counts)[assignment]
+        return Reduction(order=order, features=pooled, space=self.space, assignment=assignment, weights=weights)
 
     def hparams(self) -> dict:
         return {"space": self.space}

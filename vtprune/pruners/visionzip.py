@@ -118,6 +118,7 @@ class VisionZip(Pruner):
         assignment = torch.full((n,), -1, dtype=torch.long, device=device)
         offset = int(with_cls)
         assignment[dominant_idx] = torch.arange(n_patches, device=device) + offset
+        weights = torch.ones(n, dtype=torch.float32, device=device)  # dominant tokens and contextual targets: 1
         orders = [dominant_idx]
         feats = [x[dominant_idx]]
         if with_cls:
@@ -144,10 +145,11 @@ class VisionZip(Pruner):
             first_slot = offset + n_patches
             assignment[rest[target_pos]] = first_slot + torch.arange(contextual, device=device)
             assignment[rest[member_pos]] = first_slot + member_slot
+            weights[rest[member_pos]] = 1.0 / counts[member_slot].float()
             orders.append(rest[target_pos])
             feats.append(merged.to(x.dtype))
 
-        return Reduction(order=torch.cat(orders), features=torch.cat(feats), space="vision", assignment=assignment)
+        return Reduction(order=torch.cat(orders), features=torch.cat(feats), space="vision", assignment=assignment, weights=weights)
 
     def hparams(self) -> dict:
         return {
