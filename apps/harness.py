@@ -49,7 +49,8 @@ def make_inputs(model, processor, records: Sequence) -> dict:
     """Processor output for a batch of records, on the model's device (pixels in the model's dtype)."""
     processor.tokenizer.padding_side = "left"
     inputs = processor(
-        images=[r.image for r in records],
+        # One list per prompt: the same inputs for every processor, and Gemma 3's needs it to pair images with rows.
+        images=[[r.image] for r in records],
         text=[build_prompt(processor, r.question) for r in records],
         padding=True,
         return_tensors="pt",

@@ -560,3 +560,207 @@ def tiny_qwen3_vl(
         chat_template=QWEN_CHAT_TEMPLATE,
     )
     return model, processor
+
+
+# ---------------------------------------------------------------------------------------------- Gemma 3
+__all__ += ["tiny_gemma3", "GEMMA3_CHAT_TEMPLATE"]
+
+GEMMA3_CHAT_TEMPLATE = (
+    "{% for message in messages %}<start_of_turn>{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<start_of_image>{% else %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def tiny_gemma3(
+    seed: int = 0,
+    image_size: int = 224,
+    patch_size: int = 7,
+    tokens_per_image: int = 64,
+    vision_layers: int = 4,
+    vision_width: int = 32,
+    text_layers: int = 2,
+    text_width: int = 64,
+    attn_implementation: str = "sdpa",
+):
+    """A random-weight `Gemma3ForConditionalGeneration` and a matching `Gemma3Processor`, offline.
+
+    The real glue at a small scale: a SigLIP tower without CLS (32 x 32 patches at 224 px) whose last hidden
+    state the projector average-pools 4 x 4 (as the released 64 x 64 -> 16 x 16) to `tokens_per_image` = 8 x 8
+    LLM tokens, each image written as ``<start_of_image>``, its soft tokens, ``<end_of_image>``; a Gemma 3 LLM
+    with one sliding-window and one global layer and the bidirectional attention among an image's tokens.
+    Pan-and-scan is available through the processor (``do_pan_and_scan=True``). Returns ``(model, processor)``;
+    eval mode, float32, CPU.
+    """
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor, Gemma3TextConfig, SiglipVisionConfig
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    boi, eoi, soft = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
+    specials = [boi, eoi, soft, "<start_of_turn>", "<end_of_turn>"]
+    tokenizer = byte_level_tokenizer(specials, chat_template=GEMMA3_CHAT_TEMPLATE, pad_token="<pad>", eos_token="<end_of_turn>")
+    tokenizer._set_model_specific_special_tokens({"boi_token": boi, "eoi_token": eoi, "image_token": soft})
+    heads, head_dim = 4, 16
+    text_config = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=text_width,
+        intermediate_size=2 * text_width,
+        num_hidden_layers=text_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=2,
+        head_dim=head_dim,
+        query_pre_attn_scalar=head_dim,
+        sliding_window=64,
+        layer_types=(["sliding_attention"] * (text_layers - 1) + ["full_attention"]),
+        max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    vision_config = SiglipVisionConfig(
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_size=vision_width,
+        intermediate_size=2 * vision_width,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=4,
+        vision_use_head=False,
+    )
+    config = Gemma3Config(
+        text_config=text_config,
+        vision_config=vision_config,
+        mm_tokens_per_image=tokens_per_image,
+        image_token_index=tokenizer.convert_tokens_to_ids(soft),
+        boi_token_index=tokenizer.convert_tokens_to_ids(boi),
+        eoi_token_index=tokenizer.convert_tokens_to_ids(eoi),
+        pad_token_id=tokenizer.pad_token_id,
+        # Untied: with tied random embeddings the scaled last input token dominates and every greedy step repeats it.
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config)
+    _finish(model, tokenizer, attn_implementation, seed)
+    processor = Gemma3Processor(
+        image_processor=Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size}),
+        tokenizer=tokenizer,
+        chat_template=GEMMA3_CHAT_TEMPLATE,
+        image_seq_length=tokens_per_image,
+    )
+    return model, processor
+
+
+TINY_BUILDERS["gemma3"] = lambda seed: tiny_gemma3(seed=seed)
+
+
+# ---------------------------------------------------------------------------------------------- InternVL
+__all__ += ["tiny_internvl", "INTERNVL_CHAT_TEMPLATE", "INTERNVL_SPECIAL_TOKENS"]
+
+# The InternVL processor replaces the *context* token string "<IMG_CONTEXT>" (one per image) and "<video>" (one
+# per video) in the text (processing_internvl.py:61-66, 141-150), so the template writes those, as the released
+# InternVL3-hf template does.
+INTERNVL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<IMG_CONTEXT>\n{% elif item['type'] == 'video' %}<video>\n"
+    "{% else %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+INTERNVL_SPECIAL_TOKENS = {
+    "start_image_token": "<img>",
+    "end_image_token": "</img>",
+    "context_image_token": "<IMG_CONTEXT>",
+    "video_token": "<video>",
+}
+
+
+def tiny_internvl(
+    seed: int = 0,
+    image_size: int = 112,
+    patch_size: int = 14,
+    vision_layers: int = 4,
+    vision_width: int = 32,
+    text_layers: int = 2,
+    text_width: int = 64,
+    max_patches: int = 4,
+    attn_implementation: str = "sdpa",
+):
+    """A random-weight `InternVLForConditionalGeneration` and a matching `InternVLProcessor`, offline.
+
+    The real glue at a small scale: an InternViT tower (CLS token, layer scale, ``vision_feature_select_strategy=
+    "default"`` drops CLS) on 112 px tiles of 8 x 8 patches, pixel shuffle 0.5 (2 x 2 patches -> one token, 16
+    tokens per tile), dynamic tiling up to `max_patches` tiles plus a thumbnail (last), a Qwen2 LLM, and video
+    frames as single tiles. Returns ``(model, processor)``; eval mode, float32, CPU.
+    """
+    from transformers import (
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+        InternVLVisionConfig,
+        Qwen2Config,
+    )
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+    from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
+
+    specials = list(INTERNVL_SPECIAL_TOKENS.values()) + ["<|im_start|>", "<|im_end|>"]
+    tokenizer = byte_level_tokenizer(specials, chat_template=INTERNVL_CHAT_TEMPLATE, pad_token="<pad>", eos_token="<|im_end|>")
+    tokenizer._set_model_specific_special_tokens(dict(INTERNVL_SPECIAL_TOKENS))  # read by InternVLProcessor.__init__
+    tokenizer.padding_side = "left"
+    grid = image_size // patch_size
+    if grid % 2:
+        raise ValueError(f"image_size // patch_size must be even for the 0.5 pixel shuffle, got {grid}")
+    image_seq_length = (grid // 2) ** 2
+    vision_config = InternVLVisionConfig(
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_size=vision_width,
+        intermediate_size=2 * vision_width,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=4,
+    )
+    text_config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=text_width,
+        intermediate_size=2 * text_width,
+        num_hidden_layers=text_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    config = InternVLConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=image_seq_length,
+        downsample_ratio=0.5,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config)
+    _finish(model, tokenizer, attn_implementation, seed)
+    with torch.no_grad():  # 1-D parameters that _init_std leaves at transformers' defaults
+        generator = torch.Generator().manual_seed(seed + 1)
+        for layer in model.model.vision_tower.encoder.layer:
+            # layer scale (init 0.1 everywhere): make every block and channel count visibly
+            layer.lambda_1.copy_(torch.randn(layer.lambda_1.shape, generator=generator) * 0.2 + 1.0)
+            layer.lambda_2.copy_(torch.randn(layer.lambda_2.shape, generator=generator) * 0.2 + 1.0)
+
+    size = {"height": image_size, "width": image_size}
+    processor = InternVLProcessor(
+        image_processor=GotOcr2ImageProcessorPil(size=size, crop_to_patches=True, min_patches=1, max_patches=max_patches),
+        tokenizer=tokenizer,
+        video_processor=InternVLVideoProcessor(size=size),
+        image_seq_length=image_seq_length,
+        chat_template=INTERNVL_CHAT_TEMPLATE,
+    )
+    return model, processor
+
+
+TINY_BUILDERS["internvl"] = lambda seed: tiny_internvl(seed=seed)

@@ -69,7 +69,7 @@ def test_pool_budget_checked_against_the_grid(untouched):
 
 
 def test_unsupported_model_lists_supported_classes():
-    with pytest.raises(UnsupportedModelError, match="supported model classes: LlavaForConditionalGeneration"):
+    with pytest.raises(UnsupportedModelError, match="supported model classes: Gemma3ForConditionalGeneration, InternVLForConditionalGeneration, LlavaForConditionalGeneration"):
         vtprune.apply(torch.nn.Linear(2, 2), "fastervlm", keep=4)
 
 

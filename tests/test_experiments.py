@@ -156,6 +156,25 @@ def test_the_app_runs_qwen3_vl(tmp_path):
     assert result["visual_tokens_in"]["mean"] == 100 and result["visual_tokens_out"]["mean"] == 25
 
 
+def test_the_app_runs_gemma3(tmp_path):
+    """model=tiny_gemma3: the synthetic images resized to 224 px, 32 x 32 patches pooled to 8 x 8 tokens."""
+    done = vtprune_cli(["model=tiny_gemma3", "pruner=fastervlm", "pruner.keep=16", "hydra.run.dir=job", *RUN[1:], "benchmark.size=2"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "job" / "results.json").read_text())
+    assert result["config"]["model"]["family"] == "gemma3"
+    assert result["visual_tokens_in"]["mean"] == 64 and result["visual_tokens_out"]["mean"] == 16
+
+
+def test_the_app_runs_internvl(tmp_path):
+    """model=tiny_internvl: each 336 px synthetic image is cut into 2 x 2 tiles of 112 px plus the thumbnail, 16
+    tokens a tile; pruner.keep applies to every tile."""
+    done = vtprune_cli(["model=tiny_internvl", "pruner=divprune", "pruner.keep=4", "hydra.run.dir=job", *RUN[1:], "benchmark.size=2"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "job" / "results.json").read_text())
+    assert result["config"]["model"]["family"] == "internvl"
+    assert result["visual_tokens_in"]["mean"] == 80 and result["visual_tokens_out"]["mean"] == 20
+
+
 def test_every_model_config_names_a_supported_class():
     """Each Hub config names a transformers class that vtprune supports; each tiny config a tiny family."""
     from pathlib import Path

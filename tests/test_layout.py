@@ -308,6 +308,8 @@ def test_the_families_are_registered_through_entry_points():
 
     points = {point.name: point.value for point in metadata.entry_points(group=ENTRY_POINT_GROUP)}
     assert points == {
+        "gemma3": "vtprune.integrations.gemma3:Gemma3Integration",
+        "internvl": "vtprune.integrations.internvl:InternVLIntegration",
         "llava": "vtprune.integrations.llava:LlavaIntegration",
         "llava_next": "vtprune.integrations.llava_next:LlavaNextIntegration",
         "llava_onevision": "vtprune.integrations.llava_onevision:LlavaOnevisionIntegration",
@@ -318,3 +320,4 @@ def test_the_families_are_registered_through_entry_points():
     assert "Qwen2_5_VLForConditionalGeneration" in supported_model_classes()
     assert {"Qwen3VLMoeForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration"} <= set(supported_model_classes())
     assert "LlavaOnevisionForConditionalGeneration" in supported_model_classes()
+    assert {"Gemma3ForConditionalGeneration", "InternVLForConditionalGeneration"} <= set(supported_model_classes())

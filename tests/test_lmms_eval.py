@@ -221,7 +221,7 @@ def test_entry_point_registers_the_models():
     for model_id, (simple, chat) in MODELS.items():
         manifest = registry.get_manifest(model_id)
         assert isinstance(manifest, ModelManifest)
-        assert manifest.simple_class_path == f"vtprune.integrations.lmms_eval.{simple}"
+        assert manifest.simple_class_path == (f"vtprune.integrations.lmms_eval.{simple}" if simple else None)
         assert manifest.chat_class_path == (f"vtprune.integrations.lmms_eval.{chat}" if chat else None)
 
 
@@ -233,13 +233,14 @@ def workspace(tmp_path_factory):
     from transformers import AutoProcessor
     from vtprune.eval.synthetic import generate, to_parquet
 
-    from vtprune.integrations.tiny_models import tiny_llava, tiny_llava_onevision, tiny_qwen3_vl, tiny_qwen_vl
+    from vtprune.integrations.tiny_models import tiny_gemma3, tiny_internvl, tiny_llava, tiny_llava_onevision, tiny_qwen3_vl, tiny_qwen_vl
 
     root = tmp_path_factory.mktemp("lmms_eval")
     models = {}
     builders = (
         ("llava", tiny_llava), ("qwen2_vl", lambda: tiny_qwen_vl("2")), ("llava_onevision", tiny_llava_onevision),
-        ("qwen3_vl", lambda: tiny_qwen3_vl("3")), ("qwen3_5", lambda: tiny_qwen3_vl("3.5")),
+        ("qwen3_vl", lambda: tiny_qwen3_vl("3")), ("qwen3_5", lambda: tiny_qwen3_vl("3.5")), ("gemma3", tiny_gemma3),
+        ("internvl", tiny_internvl),
     )
     for name, build in builders:
         model, processor = build()
@@ -383,6 +384,34 @@ def test_cli_qwen3_batched(workspace, family):
     assert backend in results["config"]["model_backend"]
     assert len(samples) == 8 and "exact_match,none" in results["results"][TASK]
     check_summary(results, images=8, tokens_in=100, tokens_out=16)
+
+
+def test_cli_gemma3_batched(workspace):
+    """lmms-eval's own batched Gemma 3 class with vtprune patched in: every image is resized to 224 px, 32 x 32
+    patches pooled to 8 x 8 = 64 tokens, of which divprune keeps 16."""
+    _, models, _ = workspace
+    results, samples, _ = run_lmms_eval(
+        workspace, "gemma3", "vtprune_gemma3", f"pretrained={models['gemma3']},device_map=cpu,pruner=divprune,keep=16",
+        "--batch_size", "4", "--limit", "8",
+    )  # fmt: skip
+    assert "VTPruneGemma3" in results["config"]["model_backend"]
+    assert len(samples) == 8 and "exact_match,none" in results["results"][TASK]
+    check_summary(results, images=8, tokens_in=64, tokens_out=16)
+
+
+def test_cli_internvl_batched(workspace):
+    """vtprune_internvl (lmms-eval's InternVL-HF chat class, batch-size-1 there) batched: with lmms-eval's
+    max_patches=12 the 336 x 336 synthetic images are cut into 3 x 3 tiles of 112 px plus the thumbnail,
+    10 x 16 = 160 tokens; keep=4 per tile."""
+    _, models, _ = workspace
+    results, samples, _ = run_lmms_eval(
+        workspace, "internvl", "vtprune_internvl", f"pretrained={models['internvl']},pruner=fastervlm,keep=4",
+        "--batch_size", "4", "--limit", "8",
+    )  # fmt: skip
+    assert "VTPruneInternVLChat" in results["config"]["model_backend"]
+    assert len(samples) == 8 and "exact_match,none" in results["results"][TASK]
+    check_summary(results, images=8, tokens_in=160, tokens_out=40)
+    assert all(s["token_counts"][0]["visual_tokens_out"] == [40] for s in samples)
 
 
 def test_cli_llava_onevision_images_batched(workspace):

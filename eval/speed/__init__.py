@@ -3,6 +3,7 @@
     python -m vtprune.eval.speed --out speed_results            # defaults: < 10 min on 2 CPU cores
     python -m vtprune.eval.speed --families llava-next-7b --out speed_results_next   # opt-in, ~8 min
     python -m vtprune.eval.speed --families qwen2-vl-2b-video --out speed_results_video  # opt-in
+    python -m vtprune.eval.speed --families gemma-3-4b internvl3-2b --out speed_results_new  # opt-in
     python -m vtprune.eval.speed --tiny --out /tmp/speed        # seconds; what the test suite runs
 
 Models (random weights, eval mode, ``torch.no_grad``; fp32 on CPU, fp16 on CUDA; SDPA attention):
@@ -35,6 +36,16 @@ Models (random weights, eval mode, ``torch.no_grad``; fp32 on CPU, fp16 on CUDA;
   The unpruned run, the oracle and the pruned run all add DeepStack (the unpatched model builds it from the
   tokens handed in as ``mm_encoder_outputs``: all 256, or the kept ones), and the identity check compares the
   ``visual_pos_masks`` and levels the language model received.
+- ``gemma-3-4b`` (opt-in): `Gemma3ForConditionalGeneration` at Gemma-3-4B geometry: its SigLIP tower (27 blocks,
+  width 1152, 16 heads, patch 14, no CLS) at 896 x 896 (4096 patches, average-pooled 4 x 4 by the projector to 256
+  LLM tokens) and its Gemma 3 LLM (hidden 2560, FFN 10240, 8 heads, 4 KV heads, head dim 256, sliding window 1024,
+  vocab 262208, tied), reduced depth (full depth 34). Budgets 192 / 128 / 64. Every run passes ``token_type_ids``,
+  so the LLM's bidirectional image block covers the 256 tokens, or the kept ones.
+- ``internvl3-2b`` (opt-in): `InternVLForConditionalGeneration` at InternVL3-2B geometry: InternViT-300M (24
+  blocks, width 1024, 16 heads, a CLS token, patch 14) on five 448 px tiles (an 896 x 896 image: 2 x 2 tiles and
+  the thumbnail), pixel shuffle 0.5 to 256 tokens a tile (1280 in all), the LayerNorm + MLP projector, and a
+  Qwen2.5-1.5B LLM (hidden 1536, FFN 8960, 12 heads, 2 KV heads, tied), reduced depth (full depth 28). Budgets 640 /
+  320 / 160 with ``budget_scope="global"`` (the image's total, split equally over the five tiles).
 
 Each prompt is one image and ``--text-tokens`` (default 48) text tokens, batch 1.
 
@@ -112,8 +123,8 @@ Outputs under ``--out``: ``results.json`` (every field above), ``table.md`` (pri
 from vtprune.eval.speed.cli import main, parse_args
 from vtprune.eval.speed.fixes import FIX_CANDIDATES, ClsRowProbe, FixCandidate
 from vtprune.eval.speed.geometry import (
-    CASES, DEFAULT_FAMILIES, FLOPS_CONVENTION, Case, LlavaCase, LlavaNextCase, LlavaNextRunCache, Qwen3VLCase, QwenCase,
-    RunCache, prefill_flops,
+    CASES, DEFAULT_FAMILIES, FLOPS_CONVENTION, Case, Gemma3Case, InternVLCase, LlavaCase, LlavaNextCase, LlavaNextRunCache,
+    Qwen3VLCase, QwenCase, RunCache, prefill_flops,
 )
 from vtprune.eval.speed.measure import MiB, LayerClock, clock, mb, peak_memory, pick_device, record_statistics, synchronize
 from vtprune.eval.speed.protocol import TARGETS, full_depth, run_case
@@ -124,7 +135,8 @@ from vtprune.eval.speed.scaling import (
 
 __all__ = [
     "CASES", "DEFAULT_FAMILIES", "EXPECTED_EXPONENT", "FIX_CANDIDATES", "FLOPS_CONVENTION", "LONG_RUN_S", "ROW_FIELDS",
-    "SCALING_FIELDS", "SHORT_RUN_REPEATS", "SHORT_RUN_S", "TARGETS", "Case", "ClsRowProbe", "FixCandidate", "LayerClock",
+    "SCALING_FIELDS", "SHORT_RUN_REPEATS", "SHORT_RUN_S", "TARGETS", "Case", "ClsRowProbe", "FixCandidate", "Gemma3Case",
+    "InternVLCase", "LayerClock",
     "LlavaCase", "LlavaNextCase", "LlavaNextRunCache", "MiB", "Qwen3VLCase", "QwenCase", "RunCache", "clock", "cpu_model",
     "environment", "full_depth", "main", "markdown", "mb", "near_square_grid", "parse_args", "peak_memory",
     "pick_device", "plot", "prefill_flops", "record_statistics", "run_case", "run_scaling", "scaling_keep",

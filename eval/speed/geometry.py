@@ -1,5 +1,6 @@
 """The benchmarked model families at their published geometry (random weights): the `Case` base, one subclass per
-family (`LlavaCase`, `QwenCase`, `LlavaNextCase`, `QwenVideoCase`, `OnevisionVideoCase`, `Qwen3VLCase`), `CASES`, `DEFAULT_FAMILIES`, and the FLOPs of a geometry
+family (`LlavaCase`, `QwenCase`, `LlavaNextCase`, `QwenVideoCase`, `OnevisionVideoCase`, `Qwen3VLCase`,
+`Gemma3Case`, `InternVLCase`), `CASES`, `DEFAULT_FAMILIES`, and the FLOPs of a geometry
 (`vtprune.flops.prefill_flops`, `FLOPS_CONVENTION`). To add a family, subclass `Case` here and list it in `CASES`.
 """
 
@@ -702,9 +703,192 @@ class Qwen3VLCase(QwenCase):
                 "mm_encoder_outputs": self._encoder_outputs(sequence.inputs_embeds[visual], pruned_inputs["deepstack_visual_embeds"])}
 
 
+class Gemma3Case(Case):
+    """Gemma-3-4B: its SigLIP tower (27 blocks, width 1152, 16 heads, patch 14) at 896 x 896 (4096 patches,
+    average-pooled 4 x 4 by the projector to 256 LLM tokens) and its Gemma 3 LLM (hidden 2560, 8 heads, 4 KV
+    heads, head dim 256, five sliding-window layers per global one), reduced depth. Every run passes
+    ``token_type_ids``, so the image's tokens (all 256, or the kept ones) attend to each other both ways."""
+
+    name = "gemma-3-4b"
+    label = "Gemma-3-4B (SigLIP-so400m at 896x896 pooled to 256 tokens, Gemma 3 LLM)"
+    budgets = (192, 128, 64)
+    full_layers = 34
+    image_token_id = 262144  # google/gemma-3-*-it: <image_soft_token>; <start_of_image> 255999, <end_of_image> 256000
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.tiny:
+            vision = {"layers": 4, "hidden": 32, "intermediate": 64, "heads": 4, "image_size": 448}  # pooled 2 x 2
+            hidden, ffn, heads, kv, head_dim, tokens = 64, 128, 4, 2, 16, 256
+        else:
+            vision = {"layers": 27, "hidden": 1152, "intermediate": 4304, "heads": 16, "image_size": 896}
+            hidden, ffn, heads, kv, head_dim, tokens = 2560, 10240, 8, 4, 256, 256
+        self.hidden, self.ffn, self.kv_heads, self.head_dim = hidden, ffn, kv, head_dim
+        self.tokens = tokens
+        self.geometry = {
+            "vision": {"model": "SigLIP (no CLS)", **vision, "patch_size": 14, "mm_tokens_per_image": tokens},
+            "projector": f"avg-pool {vision['image_size'] // 14 // int(tokens ** 0.5)} x same, RMS norm, {vision['hidden']} -> {hidden}",
+            "llm": {"model": "Gemma 3 (Gemma-3-4B geometry)", "hidden": hidden, "intermediate": ffn, "heads": heads,
+                    "kv_heads": kv, "head_dim": head_dim, "vocab": 262208, "sliding_window": 1024,
+                    "layers_run": self.llm_layers, "layers_full": self.full_layers, "tie_word_embeddings": True},
+        }
+
+    def integration_class(self):
+        from vtprune.integrations.gemma3 import Gemma3Integration
+
+        return Gemma3Integration
+
+    def tokens_per_image(self) -> int:
+        return self.tokens
+
+    def build(self):
+        from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+        v, t = self.geometry["vision"], self.geometry["llm"]
+        text = Gemma3TextConfig(
+            vocab_size=t["vocab"], hidden_size=t["hidden"], intermediate_size=t["intermediate"],
+            num_hidden_layers=self.llm_layers, num_attention_heads=t["heads"], num_key_value_heads=t["kv_heads"],
+            head_dim=t["head_dim"], query_pre_attn_scalar=t["head_dim"], sliding_window=t["sliding_window"],
+            max_position_embeddings=131072, pad_token_id=0,
+        )
+        vision = SiglipVisionConfig(
+            image_size=v["image_size"], patch_size=14, hidden_size=v["hidden"], intermediate_size=v["intermediate"],
+            num_hidden_layers=v["layers"], num_attention_heads=v["heads"], vision_use_head=False,
+        )
+        config = Gemma3Config(
+            text_config=text, vision_config=vision, mm_tokens_per_image=self.tokens, image_token_index=self.image_token_id,
+            boi_token_index=255999, eoi_token_index=256000, tie_word_embeddings=True,
+        )
+        self.model = self._construct(Gemma3ForConditionalGeneration, config)
+        return self.model
+
+    def inputs(self) -> dict:
+        g = torch.Generator().manual_seed(1)
+        before = min(4, self.text_tokens)  # "<bos><start_of_turn>user\n\n\n<start_of_image>...<end_of_image>\n\n{question}"
+        ids = torch.cat([
+            self._text_ids(before, 250000, g),
+            torch.tensor([255999]),
+            torch.full((self.tokens,), self.image_token_id),
+            torch.tensor([256000]),
+            self._text_ids(max(0, self.text_tokens - before - 2), 250000, g),
+        ])[None]
+        size = self.geometry["vision"]["image_size"]
+        return {
+            "input_ids": ids.to(self.device),
+            "attention_mask": torch.ones_like(ids).to(self.device),
+            "token_type_ids": (ids == self.image_token_id).long().to(self.device),
+            "pixel_values": torch.randn(1, 3, size, size, generator=g).to(self.device, self.dtype),
+        }
+
+    def encode_once(self, integration, inputs: dict, attention_layers: set[int]) -> RunCache:
+        return RunCache(integration.run_encoder(inputs["pixel_values"], attention_layers))
+
+    def unpruned_llm_inputs(self, inputs: dict, cache: RunCache) -> dict:
+        embeds = self._splice(inputs["input_ids"], cache.run.tokens)
+        return {"inputs_embeds": embeds, "attention_mask": inputs["attention_mask"], "token_type_ids": inputs["token_type_ids"]}
+
+    def expected_visual(self, cache: RunCache, order: torch.Tensor) -> torch.Tensor:
+        return cache.run.tokens[0][order.to(self.device)]
+
+    def score_heads_and_length(self) -> tuple[int, int]:
+        v = self.geometry["vision"]
+        return v["heads"], (v["image_size"] // 14) ** 2
+
+
+class InternVLCase(Case):
+    """InternVL3-2B: InternViT-300M (24 blocks, width 1024, 16 heads, a CLS token) on 448 px tiles, pixel shuffle
+    0.5 (256 tokens a tile), and its Qwen2.5-1.5B LLM, reduced depth. One 896 x 896 image: 2 x 2 tiles plus the
+    thumbnail, 5 x 256 = 1280 visual tokens. ``budget_scope="global"``: `keep` is the image's total, split equally
+    over its five tiles (640 / 320 / 160: 128 / 64 / 32 a tile)."""
+
+    name = "internvl3-2b"
+    label = "InternVL3-2B (InternViT-300M, 2x2 tiles + thumbnail at 448 px, pixel shuffle, Qwen2.5-1.5B)"
+    budgets = (640, 320, 160)
+    full_layers = 28
+    image_token_id = 151667  # OpenGVLab/InternVL3-*-hf: <IMG_CONTEXT>; <img> 151665, </img> 151666
+    apply_options: ClassVar[dict[str, Any]] = {"budget_scope": "global"}
+    tiles = 5
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.tiny:
+            vision = {"layers": 4, "hidden": 32, "intermediate": 64, "heads": 4}
+            hidden, ffn, heads, kv = 64, 128, 4, 2
+        else:
+            vision = {"layers": 24, "hidden": 1024, "intermediate": 4096, "heads": 16}
+            hidden, ffn, heads, kv = 1536, 8960, 12, 2
+        self.hidden, self.ffn, self.kv_heads, self.head_dim = hidden, ffn, kv, hidden // heads
+        self.geometry = {
+            "vision": {"model": "InternViT (CLS, layer scale)", **vision, "image_size": 448, "patch_size": 14,
+                       "tiles": self.tiles, "tokens_per_tile": 256},
+            "projector": f"pixel shuffle 0.5, LayerNorm, {4 * vision['hidden']} -> {hidden} -> {hidden} (GELU)",
+            "llm": {"model": "Qwen2 (Qwen2.5-1.5B geometry)", "hidden": hidden, "intermediate": ffn, "heads": heads,
+                    "kv_heads": kv, "vocab": 151674, "layers_run": self.llm_layers, "layers_full": self.full_layers,
+                    "tie_word_embeddings": True},
+            "tiling": {"image_size": [896, 896], "tiles": "2 x 2 + thumbnail", "budget_scope": self.apply_options["budget_scope"]},
+        }
+
+    def integration_class(self):
+        from vtprune.integrations.internvl import InternVLIntegration
+
+        return InternVLIntegration
+
+    def tokens_per_image(self) -> int:
+        return self.tiles * 256
+
+    def build(self):
+        from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config
+
+        v, t = self.geometry["vision"], self.geometry["llm"]
+        vision = InternVLVisionConfig(
+            image_size=448, patch_size=14, hidden_size=v["hidden"], intermediate_size=v["intermediate"],
+            num_hidden_layers=v["layers"], num_attention_heads=v["heads"],
+        )
+        text = Qwen2Config(
+            vocab_size=t["vocab"], hidden_size=t["hidden"], intermediate_size=t["intermediate"],
+            num_hidden_layers=self.llm_layers, num_attention_heads=t["heads"], num_key_value_heads=t["kv_heads"],
+            max_position_embeddings=32768, tie_word_embeddings=True, pad_token_id=0,
+        )
+        config = InternVLConfig(
+            vision_config=vision, text_config=text, image_token_id=self.image_token_id, downsample_ratio=0.5,
+            vision_feature_layer=-1, vision_feature_select_strategy="default", tie_word_embeddings=True,
+        )
+        self.model = self._construct(InternVLForConditionalGeneration, config)
+        return self.model
+
+    def inputs(self) -> dict:
+        g = torch.Generator().manual_seed(1)
+        before = min(4, self.text_tokens)  # "<|im_start|>user\n<img><IMG_CONTEXT>...</img>\n{question}..."
+        ids = torch.cat([
+            self._text_ids(before, 150000, g),
+            torch.tensor([151665]),
+            torch.full((self.tokens_per_image(),), self.image_token_id),
+            torch.tensor([151666]),
+            self._text_ids(max(0, self.text_tokens - before - 2), 150000, g),
+        ])[None]
+        return {
+            "input_ids": ids.to(self.device),
+            "attention_mask": torch.ones_like(ids).to(self.device),
+            "pixel_values": torch.randn(self.tiles, 3, 448, 448, generator=g).to(self.device, self.dtype),
+        }
+
+    def encode_once(self, integration, inputs: dict, attention_layers: set[int]) -> RunCache:
+        return RunCache(integration.run_encoder(inputs["pixel_values"], -1, "default", attention_layers))
+
+    def unpruned_llm_inputs(self, inputs: dict, cache: RunCache) -> dict:
+        return {"inputs_embeds": self._splice(inputs["input_ids"], cache.run.tokens.flatten(0, 1)), "attention_mask": inputs["attention_mask"]}
+
+    def expected_visual(self, cache: RunCache, order: torch.Tensor) -> torch.Tensor:
+        return cache.run.tokens.flatten(0, 1)[order.to(self.device)]
+
+    def score_heads_and_length(self) -> tuple[int, int]:
+        return self.geometry["vision"]["heads"] * self.tiles, 1025  # the tower attends within each tile, CLS included
+
+
 CASES: dict[str, type[Case]] = {
     "llava-1.5-7b": LlavaCase, "qwen2-vl-2b": QwenCase, "llava-next-7b": LlavaNextCase, "qwen2-vl-2b-video": QwenVideoCase,
-    "llava-onevision-0.5b-video": OnevisionVideoCase, "qwen3-vl-2b": Qwen3VLCase,
+    "llava-onevision-0.5b-video": OnevisionVideoCase, "qwen3-vl-2b": Qwen3VLCase, "gemma-3-4b": Gemma3Case,
+    "internvl3-2b": InternVLCase,
 }
 """Benchmarked families."""
 

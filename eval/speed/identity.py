@@ -27,6 +27,8 @@ def _capture_llm_inputs(language_model):
 def _same(a, b) -> bool:
     if a is None or b is None:
         return a is None and b is None
+    if isinstance(a, dict) or isinstance(b, dict):  # per-layer-type masks (Gemma 3: sliding and global)
+        return isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
         return isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_same, a, b))
     return a.shape == b.shape and bool(torch.equal(a, b))

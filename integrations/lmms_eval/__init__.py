@@ -1,7 +1,7 @@
-"""lmms-eval plugin: lmms-eval's own LLaVA-HF, Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3.5 models with vtprune
-patched in.
+"""lmms-eval plugin: lmms-eval's own LLaVA-HF, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, Gemma 3 and InternVL models
+with vtprune patched in.
 
-Installing vtprune registers six models with lmms-eval (entry-point group ``lmms_eval.models``, lmms-eval
+Installing vtprune registers eight models with lmms-eval (entry-point group ``lmms_eval.models``, lmms-eval
 0.6+). Each one subclasses lmms-eval's class of the same family, pops vtprune's arguments from ``--model_args``
 before delegating to it, and patches the model it loaded with `vtprune.apply`:
 
@@ -15,6 +15,9 @@ before delegating to it, and patches the model it loaded with `vtprune.apply`:
 ``vtprune_qwen2_5_vl``      ``qwen2_5_vl`` (both)                                  Qwen2.5-VL
 ``vtprune_qwen3_vl``        ``qwen3_vl`` (both), dense and MoE (DeepStack)         Qwen3-VL
 ``vtprune_qwen3_5``         ``qwen3_5`` (both), dense and MoE                      Qwen3.5
+``vtprune_gemma3``          ``gemma3`` (simple only, as in lmms-eval)              Gemma 3
+``vtprune_internvl``        ``internvl_hf`` (chat only, as in lmms-eval),          InternVL3 / 3.5 "-hf"
+                            images and videos, batched
 ==========================  =====================================================  ======================
 
 Like lmms-eval's own ids, a model with both classes runs the chat class unless ``--force_simple`` is given.
@@ -65,7 +68,9 @@ needs); the Qwen integration prunes video tokens too, with ``pruner_video_keep``
 test suite). lmms-eval's Qwen3-VL / Qwen3.5 classes load in bfloat16 and pick the MoE class when the
 ``pretrained`` name holds ``A<n>B`` (``Qwen3-VL-30B-A3B-Instruct``): a local copy of a MoE checkpoint must keep
 that in its folder name. Their generate passes the processor's whole output, ``mm_token_type_ids`` included, which
-the Qwen3 M-RoPE needs.
+the Qwen3 M-RoPE needs. lmms-eval's Gemma 3 class batches too (the prompts are padded on the left), loads in
+bfloat16, reads a video as frames (each frame an image to the model: the per-image budget applies to each), and
+sends inputs to CUDA when ``device_map=auto`` (its default): on the CPU pass ``device_map=cpu``.
 
 Visual-token statistics, logged into lmms-eval's outputs:
 
@@ -86,7 +91,8 @@ The package, one module a concern and one short module a family:
 - ``settings``: vtprune's ``--model_args`` (`pop_vtprune_args`, `PruneSettings`), checked before a model loads;
 - ``base``: vtprune's part of every class (patching, statistics, ``clean``); ``token_stats``: the statistics;
 - ``batched_llava``: the batched LLaVA-HF loops; ``loading``: importing lmms-eval's model modules;
-- ``llava_hf``, ``llava_onevision``, ``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``, ``qwen3_5``: the model classes,
+- ``llava_hf``, ``llava_onevision``, ``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``, ``qwen3_5``, ``gemma3``, ``internvl``: the model
+  classes,
   each a few lines;
 - ``check``: does the installed lmms-eval run its evaluator (``python -m vtprune.integrations.lmms_eval.check``).
 
@@ -106,15 +112,18 @@ from typing import Any
 
 __all__ = ["MODELS", "OPTION_PREFIX", "PruneSettings", "manifests", "pop_vtprune_args"]
 
-MODELS: dict[str, tuple[str, str | None]] = {
+MODELS: dict[str, tuple[str | None, str | None]] = {
     "vtprune_llava_hf": ("llava_hf.VTPruneLlavaHf", "llava_hf.VTPruneLlavaHfChat"),
     "vtprune_llava_onevision": ("llava_onevision.VTPruneLlavaOnevision", "llava_onevision.VTPruneLlavaOnevisionChat"),
     "vtprune_qwen2_vl": ("qwen2_vl.VTPruneQwen2VL", None),
     "vtprune_qwen2_5_vl": ("qwen2_5_vl.VTPruneQwen2_5_VL", "qwen2_5_vl.VTPruneQwen2_5_VLChat"),
     "vtprune_qwen3_vl": ("qwen3_vl.VTPruneQwen3VL", "qwen3_vl.VTPruneQwen3VLChat"),
     "vtprune_qwen3_5": ("qwen3_5.VTPruneQwen3_5", "qwen3_5.VTPruneQwen3_5Chat"),
+    "vtprune_gemma3": ("gemma3.VTPruneGemma3", None),
+    "vtprune_internvl": (None, "internvl.VTPruneInternVLChat"),
 }
-"""lmms-eval model id -> (simple class, chat class), as ``module.Class`` paths inside this package."""
+"""lmms-eval model id -> (simple class, chat class), as ``module.Class`` paths inside this package (None where
+lmms-eval has no class of that kind for the family)."""
 
 _SETTINGS_NAMES = ("OPTION_PREFIX", "PruneSettings", "pop_vtprune_args")
 
@@ -126,7 +135,7 @@ def manifests() -> list:
     return [
         ModelManifest(
             model_id=model_id,
-            simple_class_path=f"{__name__}.{simple}",
+            simple_class_path=f"{__name__}.{simple}" if simple else None,
             chat_class_path=f"{__name__}.{chat}" if chat else None,
         )
         for model_id, (simple, chat) in MODELS.items()

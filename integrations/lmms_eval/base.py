@@ -12,7 +12,7 @@ from .settings import PruneSettings, pop_vtprune_args
 from .token_stats import PrefillCall, VisualTokenLog, gather_across_ranks, ranks_reporting
 from .token_stats import summary as summary_of
 
-__all__ = ["QwenLeftPadding", "ReportEachRun", "VTPruneMixin"]
+__all__ = ["LeftPadding", "ReportEachRun", "VTPruneMixin"]
 
 
 class VTPruneMixin:
@@ -76,8 +76,9 @@ class ReportEachRun:
             self._vtprune_report(self._vtprune_log.take())
 
 
-class QwenLeftPadding(VTPruneMixin):
-    """Qwen: lmms-eval's Qwen2-VL processor pads on the right; batched generation appends after the prompt."""
+class LeftPadding(VTPruneMixin):
+    """Classes that batch with the processor's own padding (Qwen, Gemma 3): batched generation appends after the
+    last column, so the prompts are padded on the left (lmms-eval's Qwen2-VL processor pads on the right)."""
 
     def _vtprune_install(self, settings: PruneSettings) -> None:
         tokenizer = getattr(getattr(self, "processor", None), "tokenizer", None)

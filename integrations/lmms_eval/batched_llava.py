@@ -64,6 +64,10 @@ class BatchedLlava:
                 kwargs["device_map"] = kwargs["device"] = "cpu"
         super().__init__(*args, **kwargs)
 
+    def _vtprune_processor_kwargs(self) -> dict:
+        """Further processor arguments of the family (InternVL: its tiling)."""
+        return {}
+
     def _vtprune_chat_template_text(self, context: str) -> str:
         from lmms_eval.models.simple.llava_hf import VICUNA_CHAT_TEMPLATE
 
@@ -82,7 +86,9 @@ class BatchedLlava:
         processor = self._image_processor
         processor.tokenizer.padding_side = "left"
         images, videos = split_media(images)
-        inputs = processor(images=images or None, videos=videos or None, text=texts, padding=True, return_tensors="pt")
+        inputs = processor(
+            images=images or None, videos=videos or None, text=texts, padding=True, return_tensors="pt", **self._vtprune_processor_kwargs()
+        )
         inputs = inputs.to(self._device, self.model.dtype)
         temperature = gen_kwargs.get("temperature", 0) or 0
         do_sample = float(temperature) > 0
