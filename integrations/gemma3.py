@@ -158,4 +158,5 @@ class Gemma3Integration(LlavaCore):
             project=self._project_pooled,
             probe=probe,
             projected=lambda: list(run.tokens),
+            gather_projected=True,  # the unpatched path projected every token already: gather, never project again
         )

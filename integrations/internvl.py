@@ -259,6 +259,7 @@ class InternVLIntegration(LlavaCore):
             project=projector,
             probe=probe,
             projected=lambda: list(run.tokens),
+            gather_projected=True,  # the unpatched path projected every token already: gather, never project again
             budgets=[keep for image in budgets for keep in image],
         )
         embeds, orders, stats, first = [], [], [], 0

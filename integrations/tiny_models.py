@@ -195,6 +195,26 @@ QWEN_CHAT_TEMPLATE = (
 QWEN_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
 
+def _qwen_tokenizer_and_text(text_layers: int, text_width: int) -> tuple:
+    """The tokenizer, its special token ids and the language-model config fields (positions left to the caller)
+    shared by the tiny Qwen-VL families."""
+    tokenizer = byte_level_tokenizer(QWEN_SPECIAL_TOKENS, chat_template=QWEN_CHAT_TEMPLATE, pad_token="<pad>", eos_token="<|im_end|>")
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=text_width,
+        intermediate_size=2 * text_width,
+        num_hidden_layers=text_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    return tokenizer, ids, text
+
+
 def tiny_qwen_vl(
     version: str = "2",
     seed: int = 0,
@@ -214,24 +234,10 @@ def tiny_qwen_vl(
     from transformers import Qwen2VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    tokenizer = byte_level_tokenizer(QWEN_SPECIAL_TOKENS, chat_template=QWEN_CHAT_TEMPLATE, pad_token="<pad>", eos_token="<|im_end|>")
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
-    heads = 4
-    head_dim = text_width // heads
+    tokenizer, ids, text = _qwen_tokenizer_and_text(text_layers, text_width)
+    head_dim = text_width // text["num_attention_heads"]
     quarter = head_dim // 2 // 4
-    text = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=text_width,
-        intermediate_size=2 * text_width,
-        num_hidden_layers=text_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        rope_parameters={"rope_type": "default", "mrope_section": [head_dim // 2 - 2 * quarter, quarter, quarter], "rope_theta": 10000.0},
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
+    text["rope_parameters"] = {"rope_type": "default", "mrope_section": [head_dim // 2 - 2 * quarter, quarter, quarter], "rope_theta": 10000.0}
     common = dict(
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
@@ -491,22 +497,9 @@ def tiny_qwen3_vl(
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
-    tokenizer = byte_level_tokenizer(QWEN_SPECIAL_TOKENS, chat_template=QWEN_CHAT_TEMPLATE, pad_token="<pad>", eos_token="<|im_end|>")
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
-    heads = 4
+    tokenizer, ids, text = _qwen_tokenizer_and_text(text_layers, text_width)
+    heads = text["num_attention_heads"]
     moe = version.endswith("-moe")
-    text = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=text_width,
-        intermediate_size=2 * text_width,
-        num_hidden_layers=text_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
     vision = dict(
         depth=vision_depth,
         hidden_size=vision_width,

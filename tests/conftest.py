@@ -38,3 +38,19 @@ def make_inputs(processor, prompts, images, padding_side="left"):
 
 def mask_positions(attention_mask):
     return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+
+
+def qwen_prompt(body: str) -> str:
+    """One user turn in the Qwen chat format, ready for the assistant's answer."""
+    return f"<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def inputs_for(processor, prompts, images=(), videos=(), padding_side="left"):
+    """The processor's output for prompts with their images and videos (flat lists, in prompt order)."""
+    processor.tokenizer.padding_side = padding_side
+    kwargs = dict(text=list(prompts), return_tensors="pt", padding=True)
+    if images:
+        kwargs["images"] = list(images)
+    if videos:
+        kwargs["videos"] = list(videos)
+    return dict(processor(**kwargs))

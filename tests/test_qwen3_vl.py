@@ -4,6 +4,8 @@ frame runs of a video prompt, KV-cache decoding, and errors."""
 
 import pytest
 import torch
+from conftest import inputs_for
+from conftest import qwen_prompt as prompt
 
 import vtprune
 from vtprune.integrations.tiny_models import QWEN3_VERSIONS, random_images, tiny_qwen3_vl
@@ -11,10 +13,6 @@ from vtprune.integrations.tiny_models import QWEN3_VERSIONS, random_images, tiny
 V = "<|vision_start|><|video_pad|><|vision_end|>"
 I = "<|vision_start|><|image_pad|><|vision_end|>"  # noqa: E741
 PRUNERS = ["fastervlm", "divprune", "hiprune", "visionzip", "pool", "random"]
-
-
-def prompt(body: str) -> str:
-    return f"<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n"
 
 
 def clip(frames: int, size=(128, 128), seed=0) -> list:
@@ -40,16 +38,6 @@ def _unpatched(request):
 def qwen3_vl():
     """The DeepStack model alone, for the tests that are about DeepStack."""
     return tiny_qwen3_vl("3")
-
-
-def inputs_for(processor, prompts, images=(), videos=(), padding_side="left"):
-    processor.tokenizer.padding_side = padding_side
-    kwargs = dict(text=list(prompts), return_tensors="pt", padding=True)
-    if images:
-        kwargs["images"] = list(images)
-    if videos:
-        kwargs["videos"] = list(videos)
-    return dict(processor(**kwargs))
 
 
 def mixed_inputs(processor):

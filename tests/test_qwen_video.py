@@ -3,7 +3,8 @@ prompts, temporal scopes, KV-cache decoding, and the video budgets' errors."""
 
 import pytest
 import torch
-from conftest import make_inputs
+from conftest import inputs_for
+from conftest import qwen_prompt as prompt
 from test_qwen_vl import hand_built_logits, hand_built_sequence
 
 import vtprune
@@ -11,10 +12,6 @@ from vtprune.integrations.tiny_models import random_images, tiny_qwen_vl
 
 V = "<|vision_start|><|video_pad|><|vision_end|>"
 I = "<|vision_start|><|image_pad|><|vision_end|>"  # noqa: E741
-
-
-def prompt(body: str) -> str:
-    return f"<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n"
 
 
 def clip(frames: int, size=(112, 112), seed=0) -> list:
@@ -33,16 +30,6 @@ def _unpatched_qwen(request):
         model = request.getfixturevalue("qwen")[0]
         if model.__dict__.get("_vtprune_handle") is not None:
             vtprune.remove(model)
-
-
-def inputs_for(processor, prompts, images=(), videos=(), padding_side="left"):
-    processor.tokenizer.padding_side = padding_side
-    kwargs = dict(text=list(prompts), return_tensors="pt", padding=True)
-    if images:
-        kwargs["images"] = list(images)
-    if videos:
-        kwargs["videos"] = list(videos)
-    return dict(processor(**kwargs))
 
 
 @pytest.fixture(scope="module")
