@@ -111,13 +111,6 @@ class Gemma3Integration(LlavaCore):
         return self.model.get_input_embeddings()(input_ids)
 
     # ------------------------------------------------------------------ per call
-    def _pooled_features(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[I, P*P, C]`` last hidden state -> ``[I, T, C]``: the projector's own pooling, before its norm."""
-        images, _, channels = hidden.shape
-        rows, cols = self._patch_grid()
-        grid = hidden.transpose(1, 2).reshape(images, channels, rows, cols).contiguous()
-        return self._projector.avg_pool(grid).flatten(2).transpose(1, 2)
-
     def _project_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
         """The projector after its pooling (RMS norm, linear map), per token."""
         projector = self._projector
@@ -125,17 +118,17 @@ class Gemma3Integration(LlavaCore):
 
     def run_encoder(self, pixel_values: torch.Tensor, attention_layers: set[int]) -> PooledEncoderRun:
         """The unpatched path from pixels to LLM tokens (`get_image_features`), capturing the inputs and q / k
-        projections of `attention_layers`; plus the pooled vision features the pruner reads."""
+        projections of `attention_layers` and the projector's pooled features (what the pruner reads)."""
         layers = sorted(attention_layers)
         projection_modules = [m for i in layers for m in (self._blocks[i].self_attn.q_proj, self._blocks[i].self_attn.k_proj)]
         with capture_layers(self._blocks, inputs=set(layers)) as (block_inputs, _), capture_layers(
             projection_modules, outputs=set(range(len(projection_modules)))
-        ) as (_, projected):
+        ) as (_, projected), capture_layers([self._projector.avg_pool], outputs={0}) as (_, pooled):
             # The unpatched path itself: its projected tokens are what a kept token gets, bit for bit.
             output = self.model.model.get_image_features(pixel_values, return_dict=True)
         return PooledEncoderRun(
             tokens=output.pooler_output,
-            pooled=self._pooled_features(output.last_hidden_state),
+            pooled=pooled[0].flatten(2).transpose(1, 2),  # [I, C, rows, cols] as the projector pooled them -> [I, T, C]
             block_inputs=block_inputs,
             projections={layer: (projected[2 * n], projected[2 * n + 1]) for n, layer in enumerate(layers)},
         )

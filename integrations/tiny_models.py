@@ -380,6 +380,24 @@ TINY_ONEVISION_PINPOINTS = tuple((98 * h, 98 * w) for h in (1, 2, 3) for w in (1
 """Anyres resolutions (height, width) of `tiny_llava_onevision`: up to 3 x 3 sub-crops of 98 px."""
 
 
+def _qwen2_text_config(tokenizer, text_layers: int, text_width: int):
+    """The small Qwen2 language model of the tiny LLaVA-OneVision and InternVL."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=text_width,
+        intermediate_size=2 * text_width,
+        num_hidden_layers=text_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+
+
 def tiny_llava_onevision(
     seed: int = 0,
     image_size: int = 98,
@@ -400,7 +418,7 @@ def tiny_llava_onevision(
     resizes those above 9, a Qwen2 LLM, and the video path (pooled frames, one newline per video). Returns
     ``(model, processor)``; eval mode, float32, CPU.
     """
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor, Qwen2Config, SiglipVisionConfig
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor, SiglipVisionConfig
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
     from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
 
@@ -416,18 +434,7 @@ def tiny_llava_onevision(
         num_attention_heads=4,
         vision_use_head=False,
     )
-    text_config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=text_width,
-        intermediate_size=2 * text_width,
-        num_hidden_layers=text_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=8192,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
+    text_config = _qwen2_text_config(tokenizer, text_layers, text_width)
     config = LlavaOnevisionConfig(
         vision_config=vision_config,
         text_config=text_config,
@@ -692,7 +699,6 @@ def tiny_internvl(
         InternVLForConditionalGeneration,
         InternVLProcessor,
         InternVLVisionConfig,
-        Qwen2Config,
     )
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
     from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
@@ -713,18 +719,7 @@ def tiny_internvl(
         num_hidden_layers=vision_layers,
         num_attention_heads=4,
     )
-    text_config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=text_width,
-        intermediate_size=2 * text_width,
-        num_hidden_layers=text_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=8192,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
+    text_config = _qwen2_text_config(tokenizer, text_layers, text_width)
     config = InternVLConfig(
         vision_config=vision_config,
         text_config=text_config,

@@ -15,11 +15,12 @@ def llava():
 
 @pytest.fixture(autouse=True)
 def _unpatched(request):
-    """A failing test must not leave the shared model patched for the next one."""
+    """A failing test must not leave a shared model patched for the next one: every ``(model, processor)``
+    fixture the test used is unpatched after it."""
     yield
-    if "llava" in request.fixturenames:
-        model = request.getfixturevalue("llava")[0]
-        if model.__dict__.get("_vtprune_handle") is not None:
+    for value in request.node.funcargs.values():
+        model = value[0] if isinstance(value, tuple) and value and isinstance(value[0], torch.nn.Module) else None
+        if model is not None and model.__dict__.get("_vtprune_handle") is not None:
             vtprune.remove(model)
 
 
@@ -54,3 +55,15 @@ def inputs_for(processor, prompts, images=(), videos=(), padding_side="left"):
     if videos:
         kwargs["videos"] = list(videos)
     return dict(processor(**kwargs))
+
+
+def eager_attentions(tower, pixel_values):
+    """Every block's full attention maps from `tower` run eager (restored afterwards): the independent reference
+    the recomputed attention statistics are checked against."""
+    saved = tower.config._attn_implementation
+    tower.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            return tower(pixel_values, output_attentions=True).attentions
+    finally:
+        tower.set_attn_implementation(saved)

@@ -3,7 +3,7 @@ the pruned sequence; against the unpatched model and hand-built pruned sequences
 
 import pytest
 import torch
-from conftest import mask_positions
+from conftest import eager_attentions, mask_positions
 
 import vtprune
 from vtprune import BudgetError, ConfigError, MissingCLSError, UnsupportedModelError
@@ -19,15 +19,6 @@ TOKENS = 64  # 32 x 32 patches pooled 4 x 4: an 8 x 8 grid per image
 @pytest.fixture(scope="session")
 def gemma():
     return tiny_gemma3(seed=0)
-
-
-@pytest.fixture(autouse=True)
-def _unpatched(request):
-    yield
-    if "gemma" in request.fixturenames:
-        model = request.getfixturevalue("gemma")[0]
-        if model.__dict__.get("_vtprune_handle") is not None:
-            vtprune.remove(model)
 
 
 @pytest.fixture(scope="session")
@@ -238,14 +229,7 @@ def test_scores_are_the_eager_attention_pooled_like_the_features(gemma, photos, 
     receives (heads and query rows averaged) in the last block of the eager tower; the top `keep` of the 64."""
     model, processor = gemma
     inputs = make(processor, [[photos[1]]])
-    tower = model.model.vision_tower
-    saved = tower.config._attn_implementation
-    tower.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            attentions = tower(inputs["pixel_values"], output_attentions=True).attentions
-    finally:
-        tower.set_attn_implementation(saved)
+    attentions = eager_attentions(model.model.vision_tower, inputs["pixel_values"])
 
     def pooled_received(layer):
         received = attentions[layer][0].mean(dim=(0, 1)).reshape(32, 32)  # [patches] mean over heads and queries

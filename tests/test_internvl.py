@@ -4,7 +4,7 @@ unpatched model and hand-built pruned sequences; per-tile and global budgets; ba
 import numpy as np
 import pytest
 import torch
-from conftest import mask_positions
+from conftest import eager_attentions, mask_positions
 
 import vtprune
 from vtprune import BudgetError, ConfigError, UnsupportedModelError
@@ -21,15 +21,6 @@ WIDE, TALL = (300, 200), (120, 330)  # 2 x 2 tiles + thumbnail (5 tiles, 80 toke
 @pytest.fixture(scope="session")
 def internvl():
     return tiny_internvl(seed=0)
-
-
-@pytest.fixture(autouse=True)
-def _unpatched(request):
-    yield
-    if "internvl" in request.fixturenames:
-        model = request.getfixturevalue("internvl")[0]
-        if model.__dict__.get("_vtprune_handle") is not None:
-            vtprune.remove(model)
 
 
 @pytest.fixture(scope="session")
@@ -208,17 +199,6 @@ def test_generate_with_cache_equals_a_greedy_loop_over_the_hand_built_sequence(i
 
 
 # ---------------------------------------------------------------------------------------------- scores
-def eager_attentions(model, pixel_values):
-    tower = model.model.vision_tower
-    saved = tower.config._attn_implementation
-    tower.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            return tower(pixel_values, output_attentions=True).attentions
-    finally:
-        tower.set_attn_implementation(saved)
-
-
 def blocks_of_four(per_patch):
     """``[..., 64]`` per patch of an 8 x 8 grid -> ``[..., 16]``: each shuffled token the sum of its 2 x 2 patches."""
     return per_patch.reshape(*per_patch.shape[:-1], 4, 2, 4, 2).sum(dim=(-3, -1)).flatten(-2)
@@ -234,7 +214,7 @@ def test_scores_are_the_sums_over_each_tokens_four_patches(internvl, media):
     with torch.no_grad():
         run = integration.run_encoder(inputs["pixel_values"], -1, "default", layers)
         probe = integration.probe(run)
-        attentions = eager_attentions(model, inputs["pixel_values"])
+        attentions = eager_attentions(model.model.vision_tower, inputs["pixel_values"])
         for layer in layers:
             maps = attentions[layer]  # [tiles, heads, 65, 65], the CLS first
             for tile in range(maps.shape[0]):
@@ -247,7 +227,7 @@ def test_scores_are_the_sums_over_each_tokens_four_patches(internvl, media):
 def test_fastervlm_keeps_the_top_summed_cls_attention_of_every_tile(internvl, media):
     model, processor = internvl
     inputs = make(processor, [[("image", media["tall"])]])
-    maps = eager_attentions(model, inputs["pixel_values"])[-1]  # the feature block: vision_feature_layer -1
+    maps = eager_attentions(model.model.vision_tower, inputs["pixel_values"])[-1]  # the feature block: vision_feature_layer -1
     with vtprune.apply(model, "fastervlm", keep=5) as handle, torch.no_grad():
         model(**inputs)
     scores = blocks_of_four(maps[:, :, 0, 1:].mean(dim=1))  # [tiles, 16]: mean over heads, summed over 2 x 2

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_inputs, mask_positions
+from conftest import eager_attentions, make_inputs, mask_positions
 
 import vtprune
 from vtprune.pruners.base import Pruner
@@ -122,13 +122,7 @@ def test_fastervlm_keeps_topk_of_eager_cls_attention(llava, images):
     """Independent of the attention probe: the eager vision tower's own attention map of layer -2."""
     model, processor = llava
     inputs = make_inputs(processor, [PROMPTS[0], PROMPTS[0]], images[:2])
-    tower = model.model.vision_tower
-    tower.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            attentions = tower(inputs["pixel_values"], output_attentions=True).attentions
-    finally:
-        tower.set_attn_implementation("sdpa")
+    attentions = eager_attentions(model.model.vision_tower, inputs["pixel_values"])
     scores = attentions[-2][:, :, 0, 1:].mean(dim=1)
     with vtprune.apply(model, "fastervlm", keep=50) as handle, torch.no_grad():
         model(**inputs)

@@ -31,16 +31,6 @@ def llava_next():
     return tiny_llava_next(seed=0, vision_layers=4)
 
 
-@pytest.fixture(autouse=True)
-def _unpatched_next(request):
-    """A failing test must not leave the shared model patched for the next one."""
-    yield
-    if "llava_next" in request.fixturenames:
-        model = request.getfixturevalue("llava_next")[0]
-        if model.__dict__.get("_vtprune_handle") is not None:
-            vtprune.remove(model)
-
-
 @pytest.fixture(scope="session")
 def next_images():
     return {size: random_images(1, size=size, seed=i + 10)[0] for i, size in enumerate(SIZES)}

@@ -23,15 +23,6 @@ def onevision():
     return tiny_llava_onevision(seed=0, vision_layers=4)
 
 
-@pytest.fixture(autouse=True)
-def _unpatched(request):
-    yield
-    if "onevision" in request.fixturenames:
-        model = request.getfixturevalue("onevision")[0]
-        if model.__dict__.get("_vtprune_handle") is not None:
-            vtprune.remove(model)
-
-
 @pytest.fixture(scope="session")
 def media():
     frames = np.stack([np.array(image) for image in random_images(FRAMES, size=(120, 100), seed=3)])

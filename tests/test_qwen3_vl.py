@@ -24,16 +24,6 @@ def qwen3(request):
     return tiny_qwen3_vl(request.param)
 
 
-@pytest.fixture(autouse=True)
-def _unpatched(request):
-    yield
-    for name in ("qwen3", "qwen3_vl"):
-        if name in request.fixturenames:
-            model = request.getfixturevalue(name)[0]
-            if model.__dict__.get("_vtprune_handle") is not None:
-                vtprune.remove(model)
-
-
 @pytest.fixture(scope="module")
 def qwen3_vl():
     """The DeepStack model alone, for the tests that are about DeepStack."""

@@ -23,15 +23,6 @@ def qwen(request):
     return tiny_qwen_vl(request.param)
 
 
-@pytest.fixture(autouse=True)
-def _unpatched_qwen(request):
-    yield
-    if "qwen" in request.fixturenames:
-        model = request.getfixturevalue("qwen")[0]
-        if model.__dict__.get("_vtprune_handle") is not None:
-            vtprune.remove(model)
-
-
 @pytest.fixture(scope="module")
 def video_only(qwen):
     return inputs_for(qwen[1], [prompt(f"{V}What happens?")], videos=[clip(4)])

@@ -29,15 +29,6 @@ def qwen_images():
     return [random_images(1, size=size, seed=i)[0] for i, size in enumerate(SIZES)]
 
 
-@pytest.fixture(autouse=True)
-def _unpatched_qwen(request):
-    yield
-    if "qwen" in request.fixturenames:
-        model = request.getfixturevalue("qwen")[0]
-        if model.__dict__.get("_vtprune_handle") is not None:
-            vtprune.remove(model)
-
-
 @pytest.fixture
 def batch(qwen, qwen_images):
     return make_inputs(qwen[1], PROMPTS, qwen_images[:3])

@@ -251,66 +251,43 @@ def test_qwen3_vl_case_is_the_unpatched_model(speed):
     torch.testing.assert_close(from_cache, unpatched)
 
 
-# ---------------------------------------------------------------------------------------------- Gemma 3
-def test_gemma3_case_every_row_is_the_unpatched_model_on_the_kept_tokens(speed, tmp_path):
-    """gemma-3-4b (opt-in; tiny: 448 px, 32 x 32 patches pooled 2 x 2 to 256 tokens): every row's LLM inputs, the
-    bidirectional image masks built from token_type_ids included, equal the oracle's."""
-    assert "gemma-3-4b" in speed.CASES and "gemma-3-4b" not in speed.parse_args([]).families
-    argv = ["--tiny", "--families", "gemma-3-4b", "--pruners", "fastervlm", "divprune", "hiprune", "visionzip", "pool",
+# ---------------------------------------------------------------------------------------------- Gemma 3, InternVL
+NEW_FAMILIES = [
+    # family, tokens per image, budgets, what FasterVLM reads
+    ("gemma-3-4b", 256, (192, 128, 64), ["global_attention"]),  # tiny: 448 px, 32 x 32 patches pooled 2 x 2; no CLS
+    ("internvl3-2b", 1280, (640, 320, 160), ["cls_attention"]),  # five 448 px tiles of 256 shuffled tokens; a CLS
+]
+
+
+@pytest.mark.parametrize("family_name, tokens, budgets, fastervlm_uses", NEW_FAMILIES)
+def test_new_family_cases_every_row_is_the_unpatched_model_on_the_kept_tokens(speed, tmp_path, family_name, tokens, budgets, fastervlm_uses):
+    """gemma-3-4b and internvl3-2b (opt-in): every row's LLM inputs equal the oracle's (Gemma 3: its sliding and
+    global masks, built from token_type_ids, included; InternVL: global budgets split over the tiles)."""
+    assert family_name in speed.CASES and family_name not in speed.parse_args([]).families
+    argv = ["--tiny", "--families", family_name, "--pruners", "fastervlm", "divprune", "hiprune", "visionzip", "pool",
             "--repeats", "1", "--threads", "1", "--quiet", "--out", str(tmp_path)]
     result = speed.main(argv)
     (family,) = result["families"]
-    assert family["tokens_per_image"] == 256 and family["skipped"] == []
+    assert family["tokens_per_image"] == tokens and family["skipped"] == []
     assert {(r["pruner"], r["keep"]) for r in result["rows"]} == {
-        (p, k) for p in ("fastervlm", "divprune", "hiprune", "visionzip", "pool") for k in (192, 128, 64)
+        (p, k) for p in ("fastervlm", "divprune", "hiprune", "visionzip", "pool") for k in budgets
     }
     for row in result["rows"]:
         detail = row["identity_detail"]
         assert row["identity_check"] is True and detail["llm_inputs_equal"] and detail["logits_equal"], (row["pruner"], row["keep"], detail)
         assert row["tokens_out"] == row["keep"]
         assert detail["kept_visual_match"] is (None if row["pruner"] in ("visionzip", "pool") else True)
+        if row["pruner"] == "fastervlm":
+            assert row["uses"] == fastervlm_uses
 
 
-def test_gemma3_case_is_the_unpatched_model(speed):
-    """The case's unpruned inputs (the cached tower pass spliced into the embeddings, token_type_ids passed) give
-    the logits of the unpatched model run on pixels."""
+@pytest.mark.parametrize("family_name", [f[0] for f in NEW_FAMILIES])
+def test_new_family_cases_are_the_unpatched_model(speed, family_name):
+    """The case's unpruned inputs (the cached tower pass spliced into the embeddings; Gemma 3: token_type_ids
+    passed) give the logits of the unpatched model run on pixels."""
     import torch
 
-    case = speed.CASES["gemma-3-4b"](2, 8, True, torch.device("cpu"), torch.float32)
-    model = case.build()
-    inputs = case.inputs()
-    with torch.no_grad():
-        cache, _ = case.time_vision(inputs, set(), 1)
-        unpatched = model(**inputs, logits_to_keep=1).logits
-        from_cache = type(model).forward(model, **case.unpruned_llm_inputs(inputs, cache), logits_to_keep=1).logits
-    assert torch.equal(from_cache, unpatched)
-
-
-# ---------------------------------------------------------------------------------------------- InternVL
-def test_internvl_case_every_row_is_the_unpatched_model_on_the_kept_tokens(speed, tmp_path):
-    """internvl3-2b (opt-in): five 448 px tiles (2 x 2 + thumbnail) of 256 pixel-shuffled tokens, global budgets
-    split over the tiles; every row's LLM inputs equal the oracle's."""
-    assert "internvl3-2b" in speed.CASES and "internvl3-2b" not in speed.parse_args([]).families
-    argv = ["--tiny", "--families", "internvl3-2b", "--pruners", "fastervlm", "divprune", "hiprune", "visionzip", "pool",
-            "--repeats", "1", "--threads", "1", "--quiet", "--out", str(tmp_path)]
-    result = speed.main(argv)
-    (family,) = result["families"]
-    assert family["tokens_per_image"] == 1280 and family["skipped"] == []
-    assert {(r["pruner"], r["keep"]) for r in result["rows"]} == {
-        (p, k) for p in ("fastervlm", "divprune", "hiprune", "visionzip", "pool") for k in (640, 320, 160)
-    }
-    for row in result["rows"]:
-        detail = row["identity_detail"]
-        assert row["identity_check"] is True and detail["llm_inputs_equal"] and detail["logits_equal"], (row["pruner"], row["keep"], detail)
-        assert row["tokens_out"] == row["keep"]
-        assert detail["kept_visual_match"] is (None if row["pruner"] in ("visionzip", "pool") else True)
-        assert row["uses"] == (["cls_attention"] if row["pruner"] == "fastervlm" else row["uses"])  # InternViT has a CLS
-
-
-def test_internvl_case_is_the_unpatched_model(speed):
-    import torch
-
-    case = speed.CASES["internvl3-2b"](2, 8, True, torch.device("cpu"), torch.float32)
+    case = speed.CASES[family_name](2, 8, True, torch.device("cpu"), torch.float32)
     model = case.build()
     inputs = case.inputs()
     with torch.no_grad():
